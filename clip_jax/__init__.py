@@ -1,0 +1,7 @@
+"""clip_jax: CLIP (Radford et al., 2021) in JAX/Flax, from a laptop CPU to a TPU pod."""
+
+from clip_jax.api import ClipModel, load
+from clip_jax.models import ARCHITECTURES
+
+__version__ = '0.1.0'
+__all__ = ['ARCHITECTURES', 'ClipModel', 'load', '__version__']

@@ -1,0 +1,172 @@
+"""Building blocks shared by both towers: activations, MLP, attention, the residual block.
+
+Every parameter carries logical axis names (`nn.with_logical_partitioning`) so that
+`clip_jax.sharding` can place it by rule; the model itself knows nothing of meshes.
+Logical names used here:
+  embed      model width                     mlp        MLP hidden width
+  heads      attention heads                 head_dim   per-head width
+  qkv        the stacked q/k/v axis          vocab      token vocabulary
+  proj       joint embedding width           norm       LayerNorm/BatchNorm gains and biases
+  layers     stacked (scanned) layers        conv_in / conv_out   ResNet channels
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+from jax.ad_checkpoint import checkpoint_name
+import jax.numpy as jnp
+
+Dtype = Any
+Initializer = Callable[..., jax.Array]
+
+
+def quick_gelu(x: jax.Array) -> jax.Array:
+  """OpenAI's activation: x * sigmoid(1.702 x)."""
+  return x * jax.nn.sigmoid(1.702 * x)
+
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    'quick_gelu': quick_gelu,
+    # PyTorch's nn.GELU default is the exact erf form; match it.
+    'gelu': lambda x: jax.nn.gelu(x, approximate=False),
+}
+
+REMAT_POLICIES = {
+    'none': None,
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'dots': jax.checkpoint_policies.dots_saveable,
+    'dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    'save_attn_out': jax.checkpoint_policies.save_only_these_names('attn_out'),
+}
+
+
+def logical(init: Initializer, names: tuple[str | None, ...]) -> Initializer:
+  return nn.with_logical_partitioning(init, names)
+
+
+def normal(std: float) -> Initializer:
+  return nn.initializers.normal(stddev=std)
+
+
+def layer_norm(dtype: Dtype, name: str) -> nn.LayerNorm:
+  """LayerNorm with eps 1e-5 (PyTorch's); flax keeps its statistics in float32."""
+  return nn.LayerNorm(
+      epsilon=1e-5, dtype=dtype, name=name,
+      scale_init=logical(nn.initializers.ones, ('norm',)),
+      bias_init=logical(nn.initializers.zeros, ('norm',)))
+
+
+class MLP(nn.Module):
+  """c_fc -> activation -> c_proj, as OpenAI's `mlp`."""
+  width: int
+  hidden: int
+  activation: str
+  fc_std: float
+  proj_std: float
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = nn.Dense(self.hidden, dtype=self.dtype, name='c_fc',
+                 kernel_init=logical(normal(self.fc_std), ('embed', 'mlp')),
+                 bias_init=logical(nn.initializers.zeros, ('mlp',)))(x)
+    x = ACTIVATIONS[self.activation](x)
+    return nn.Dense(self.width, dtype=self.dtype, name='c_proj',
+                    kernel_init=logical(normal(self.proj_std), ('mlp', 'embed')),
+                    bias_init=logical(nn.initializers.zeros, ('embed',)))(x)
+
+
+class MultiHeadAttention(nn.Module):
+  """Self-attention with one fused q/k/v projection.
+
+  The q/k/v kernel is [width, 3, heads, head_dim]: one matmul for all three (as
+  PyTorch's `in_proj_weight`), with a heads axis that tensor parallelism can split.
+  """
+  heads: int
+  causal: bool
+  in_std: float
+  out_std: float
+  dtype: Dtype = jnp.float32
+  attention_impl: str | None = 'xla'
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    width = x.shape[-1]
+    head_dim = width // self.heads
+    qkv = nn.DenseGeneral(
+        (3, self.heads, head_dim), dtype=self.dtype, name='qkv',
+        kernel_init=logical(normal(self.in_std), ('embed', 'qkv', 'heads', 'head_dim')),
+        bias_init=logical(nn.initializers.zeros, ('qkv', 'heads', 'head_dim')))(x)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]     # [B, T, heads, head_dim]
+    out = jax.nn.dot_product_attention(
+        q, k, v, is_causal=self.causal, implementation=self.attention_impl)
+    out = checkpoint_name(out, 'attn_out')
+    return nn.DenseGeneral(
+        width, axis=(-2, -1), dtype=self.dtype, name='out',
+        kernel_init=logical(normal(self.out_std), ('heads', 'head_dim', 'embed')),
+        bias_init=logical(nn.initializers.zeros, ('embed',)))(out)
+
+
+class ResidualAttentionBlock(nn.Module):
+  """Pre-LN block: x + attn(ln_1(x)), then x + mlp(ln_2(x)).
+
+  Takes and returns a (carry, None) pair so the same module runs under nn.scan.
+  """
+  heads: int
+  causal: bool
+  activation: str
+  num_layers: int
+  mlp_ratio: int = 4
+  dtype: Dtype = jnp.float32
+  attention_impl: str | None = 'xla'
+
+  @nn.compact
+  def __call__(self, x: jax.Array, _: Any = None) -> tuple[jax.Array, None]:
+    width = x.shape[-1]
+    # OpenAI's initialisation (CLIP.initialize_parameters).
+    attn_std = width ** -0.5
+    proj_std = attn_std * (2 * self.num_layers) ** -0.5
+    fc_std = (2 * width) ** -0.5
+    y = layer_norm(self.dtype, 'ln_1')(x)
+    x = x + MultiHeadAttention(self.heads, self.causal, attn_std, proj_std, self.dtype,
+                               self.attention_impl, name='attn')(y)
+    y = layer_norm(self.dtype, 'ln_2')(x)
+    x = x + MLP(width, width * self.mlp_ratio, self.activation, fc_std, proj_std,
+                self.dtype, name='mlp')(y)
+    return x, None
+
+
+class Transformer(nn.Module):
+  """A stack of residual attention blocks, unrolled or under nn.scan, with optional remat."""
+  layers: int
+  heads: int
+  causal: bool
+  activation: str
+  dtype: Dtype = jnp.float32
+  remat_policy: str = 'none'
+  scan_layers: bool = False
+  attention_impl: str | None = 'xla'
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    block_cls = ResidualAttentionBlock
+    if self.remat_policy != 'none':
+      # prevent_cse is only needed outside scan (scan already blocks CSE).
+      block_cls = nn.remat(block_cls, policy=REMAT_POLICIES[self.remat_policy],
+                           prevent_cse=not self.scan_layers)
+    kwargs = dict(heads=self.heads, causal=self.causal, activation=self.activation,
+                  num_layers=self.layers, dtype=self.dtype,
+                  attention_impl=self.attention_impl)
+    if self.scan_layers:
+      stack = nn.scan(block_cls, variable_axes={'params': 0},
+                      split_rngs={'params': True, 'dropout': True},
+                      length=self.layers,
+                      metadata_params={nn.PARTITION_NAME: 'layers'})
+      x, _ = stack(**kwargs, name='resblocks')(x, None)
+    else:
+      for i in range(self.layers):
+        x, _ = block_cls(**kwargs, name=f'resblocks_{i}')(x, None)
+    return x

@@ -1,0 +1,47 @@
+"""clip_jax: CLIP in JAX/Flax. Ranges are the ones installed and tested together (see .ci/run)."""
+
+from setuptools import find_packages, setup
+
+INSTALL_REQUIRES = [
+    'jax>=0.10.2,<0.11',
+    'flax>=0.12.8,<0.13',
+    'optax>=0.2.8,<0.3',
+    'orbax-checkpoint>=0.12.8,<0.13',
+    'ml-collections>=1.1.0,<1.2',
+    'absl-py>=2.1,<3',
+    'numpy>=2.0,<3',
+    # Input pipeline (imported only under clip_jax/data/).
+    'tensorflow-cpu>=2.21.0,<2.22',
+    'tensorflow-datasets>=4.9.10,<4.10',
+    'sentencepiece>=0.2.3,<0.3',
+    'ftfy>=6.3,<7',
+    'regex>=2024.0',
+    'pillow>=11.0,<14',
+    'safetensors>=0.8.0,<0.9',
+    'scikit-learn>=1.9,<1.10',
+]
+
+EXTRAS = {
+    'test': [
+        'pytest>=9.0,<10',
+        'pytest-timeout>=2.4,<3',
+    ],
+    # PyTorch interop: parity tests and exports that open_clip / transformers load.
+    'torch': [
+        'torch==2.14.1',
+        'torchvision==0.29.1',
+        'open_clip_torch>=3.3.0,<3.4',
+        'transformers>=5.23.0,<5.24',
+    ],
+}
+
+setup(
+    name='clip_jax',
+    version='0.1.0',
+    description='CLIP (Radford et al., 2021) in JAX/Flax: train at TPU-pod scale, evaluate '
+                'zero-shot, convert to and from PyTorch.',
+    packages=find_packages(include=['clip_jax', 'clip_jax.*']),
+    python_requires='>=3.10',
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+)
