@@ -106,6 +106,8 @@ def test_setup_copies_the_checkout_and_installs_on_every_worker(tmp_path):
 def _train_args(ssh_command):
   """The trainer argv a `worker.sh start` remote command would run."""
   words = shlex.split(_flag(ssh_command, 'command'))
+  if words[0] == 'env':
+    words = words[words.index('bash'):]
   assert words[:4] == ['bash', '~/clip_jax/launch/tpu/worker.sh', 'start', '--'], words
   return words[4:]
 
@@ -113,8 +115,11 @@ def _train_args(ssh_command):
 def test_train_runs_the_same_command_on_every_worker():
   result = _run(TPU / 'train.sh', *ZONE_FLAGS, '--config=configs/vit_b32.py',
                 f'--workdir={WORKDIR}', '--data', 'gs://bucket/laion/{00000..00099}.tar',
+                '--env=JAX_COMPILATION_CACHE_DIR=gs://bucket/cache', '--env', 'NOTE=a b',
                 '--dry-run', '--', '--config.batch_size=4096', "--config.note=it's a test")
   (ssh,) = _commands(result)
+  assert shlex.split(_flag(ssh, 'command'))[:4] == [
+      'env', 'JAX_COMPILATION_CACHE_DIR=gs://bucket/cache', 'NOTE=a b', 'bash']
   assert ssh[:6] == ['gcloud', 'compute', 'tpus', 'tpu-vm', 'ssh', 'pod']
   assert '--worker=all' in ssh
   assert _train_args(ssh) == [
@@ -165,6 +170,8 @@ def test_bad_settings_are_named():
   assert unknown.returncode == 2 and 'unknown flag --zonee=x' in unknown.stderr
   bad_type = _run(TPU / 'create.sh', *ZONE_FLAGS, '--accelerator-type=tpu9-8', '--dry-run', check=False)
   assert bad_type.returncode == 2 and '--runtime-version' in bad_type.stderr
+  bad_env = _run(TPU / 'train.sh', *ZONE_FLAGS, f'--workdir={WORKDIR}', '--env=X', check=False)
+  assert bad_env.returncode == 2 and "--env needs KEY=VALUE, got 'X'" in bad_env.stderr
   bad_spot = _run(TPU / 'create.sh', *ZONE_FLAGS, '--dry-run', env=_env(TPU_SPOT='yes'), check=False)
   assert bad_spot.returncode == 2 and 'TPU_SPOT' in bad_spot.stderr
 

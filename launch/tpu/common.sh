@@ -15,6 +15,8 @@
 #   --config=FILE          CLIP_JAX_CONFIG          configs/vit_b32.py
 #   --workdir=gs://...     CLIP_JAX_WORKDIR         (required by train/watch/copy_out)
 #   --data=gs://...        CLIP_JAX_DATA            (optional) training shards, a glob
+#   --env=KEY=VALUE                                 environment of the training job
+#                                                   (repeatable), e.g. JAX_COMPILATION_CACHE_DIR
 #   --dry-run              DRY_RUN=1                off
 #   -- ARGS...                                      passed on to python -m clip_jax.main
 #
@@ -47,6 +49,7 @@ REMOTE_VENV='~/clip_jax_venv'
 # The trainer flag that receives --data (the train split of the input pipeline).
 DATA_CONFIG_KEY="${DATA_CONFIG_KEY:-config.data.train_files}"
 TRAIN_ARGS=()
+TRAIN_ENV=()
 
 die() {
   echo "error: $*" >&2
@@ -88,6 +91,15 @@ parse_flags() {
           --workdir) CLIP_JAX_WORKDIR="${value}" ;;
           --data) CLIP_JAX_DATA="${value}" ;;
         esac
+        ;;
+      --env)
+        if [[ "$1" != *=* ]]; then
+          (($# >= 2)) || die '--env needs KEY=VALUE'
+          value="$2"
+          shift
+        fi
+        [[ "${value}" =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] || die "--env needs KEY=VALUE, got '${value}'"
+        TRAIN_ENV+=("${value}")
         ;;
       --spot) TPU_SPOT=1 ;;
       --queued) TPU_QUEUED=1 ;;
@@ -196,7 +208,11 @@ train_command() {
     args+=("--${DATA_CONFIG_KEY}=${CLIP_JAX_DATA}")
   fi
   args+=("${TRAIN_ARGS[@]}")
-  echo "bash ${REMOTE_REPO}/launch/tpu/worker.sh start -- $(shell_quote "${args[@]}")"
+  local prefix=''
+  if ((${#TRAIN_ENV[@]})); then
+    prefix="env $(shell_quote "${TRAIN_ENV[@]}") "
+  fi
+  echo "${prefix}bash ${REMOTE_REPO}/launch/tpu/worker.sh start -- $(shell_quote "${args[@]}")"
 }
 
 # State of the TPU: the queued resource's (ACTIVE, SUSPENDED, ...) with --queued, else
