@@ -17,8 +17,68 @@ from clip_jax.models.clip import validate_model_config
 
 
 def _mesh_defaults() -> ml_collections.ConfigDict:
-  # Axis sizes over (data, fsdp, model); -1 takes the devices that are left.
-  return ml_collections.ConfigDict(dict(shape=(-1, 1, 1), axes=('data', 'fsdp', 'model')))
+  # Axis sizes over (data, fsdp, model); -1 takes the devices that are left. The mesh
+  # shape picks the strategy: (n,1,1) data parallel, (d,f,1) FSDP, (d,f,m) + tensor
+  # parallel. Placement rules: see clip_jax.sharding.ShardingRules.
+  return ml_collections.ConfigDict(dict(
+      shape=(-1, 1, 1), axes=('data', 'fsdp', 'model'),
+      # Ordered (regex over 'visual/.../kernel', spec) overrides; spec 'fsdp,model',
+      # ',fsdp' or '' (replicated), 'fsdp+model' splits one dimension over two axes.
+      param_rules=(),
+      # Ordered (logical axis, mesh axis): tensor parallelism of heads and MLP widths.
+      logical_rules=(('heads', 'model'), ('mlp', 'model')),
+      fsdp_axis='fsdp',
+      fsdp_min_size=4096,       # smaller arrays stay replicated under FSDP
+  ))
+
+
+def _loss_defaults() -> ml_collections.ConfigDict:
+  # clip_jax.losses: 'softmax' (CLIP, all-gather), 'sigmoid' (SigLIP), 'ring' (softmax,
+  # ppermute ring, O(B_local^2) memory). For SigLIP set model.logit_scale_init=log(10).
+  return ml_collections.ConfigDict(dict(name='softmax', sigmoid_bias_init=-10.0))
+
+
+def _optim_defaults() -> ml_collections.ConfigDict:
+  # clip_jax.optim: AdamW as the paper (beta2 0.98, eps 1e-6, decay 0.2), warmup + cosine.
+  return ml_collections.ConfigDict(dict(
+      learning_rate=5e-4,
+      warmup_steps=2000,
+      end_lr_factor=0.0,        # final LR = factor x peak
+      b1=0.9, b2=0.98, eps=1e-6,
+      weight_decay=0.2,
+      grad_clip_norm=1.0,       # global norm over trainable leaves; 0 = off
+      mu_dtype='float32',       # 'bfloat16' keeps Adam's first moment in half precision
+      # Regexes over 'params/<model path>' and 'loss_params/<name>' (clip_jax.optim).
+      no_decay=(r'(^|/)(scale|bias)$', r'(^|/)positional_embedding$',
+                r'(^|/)class_embedding$', r'(^|/)logit_scale$'),
+      lr_multipliers=(),        # ordered (regex, multiplier); first match wins
+      freeze=(),                # e.g. (r'^params/visual/',) locks the image tower (LiT)
+  ))
+
+
+def _train_defaults() -> ml_collections.ConfigDict:
+  # clip_jax.train_step. micro_batches > 1: GradCache accumulation (exact big-batch grads).
+  return ml_collections.ConfigDict(dict(micro_batches=1))
+
+
+def _eval_defaults() -> ml_collections.ConfigDict:
+  # Evaluation (clip_jax.evaluate). Dataset specs are comma-separated: 'builtin',
+  # 'folder:PATH', 'tfds:NAME' (under data_dir, no download), 'shards:GLOB'.
+  return ml_collections.ConfigDict(dict(
+      every_steps=0,            # trainer: evaluate every N steps; 0 = only at the end
+      batch_size=256,           # global batch of feature extraction and prompt encoding
+      zeroshot='',              # datasets for zero-shot classification
+      retrieval='',             # datasets with captions for image<->text Recall@K
+      linear_probe='',          # datasets for the logistic-regression probe (train_split -> split)
+      split='test',             # the split that is scored
+      train_split='train',      # the split the linear probe is fitted on
+      templates='auto',         # template set name, 'auto' (by dataset name) or a file
+      classnames='',            # file with one class name per line ('' = the dataset's own)
+      data_dir='',              # TFDS data_dir
+      max_examples=0,           # per split; 0 = all
+      cache_dir='',             # zero-shot classifier cache; '' = <workdir>/eval_cache
+      probe_val_fraction=0.2,   # share of the train split that chooses C
+  ))
 
 
 def get_config(arch: str = 'tiny', **model_overrides: Any) -> ml_collections.ConfigDict:
@@ -29,6 +89,10 @@ def get_config(arch: str = 'tiny', **model_overrides: Any) -> ml_collections.Con
   config.batch_size = 256            # global batch over all hosts and devices
   config.total_steps = 1000
   config.mesh = _mesh_defaults()
+  config.loss = _loss_defaults()
+  config.optim = _optim_defaults()
+  config.train = _train_defaults()
+  config.eval = _eval_defaults()
   return config
 
 

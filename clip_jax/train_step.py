@@ -1,0 +1,237 @@
+"""The sharded training step: one `jax.jit` over a (data, fsdp, model) mesh.
+
+`create_train_state` builds parameters and optimizer state directly sharded
+(`jax.jit(init, out_shardings=...)`, never whole on one device); `make_train_step`
+returns `step(state, batch) -> (state, metrics)` with the state donated. The same code
+runs on one CPU, eight GPUs or a pod slice: only the mesh differs.
+
+Gradient accumulation (`config.train.micro_batches > 1`) is GradCache (Gao et al.
+2021): a contrastive loss does not decompose over micro-batches, so the step embeds
+every micro-batch without gradients, computes the loss of the whole batch once and
+its gradient w.r.t. the embeddings, then back-propagates micro-batch by micro-batch
+(`jax.vjp`) and sums. The result is the big batch's gradient with one micro-batch of
+activations in memory.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from clip_jax import losses, optim, sharding
+from clip_jax.models.clip import dummy_inputs, init_variables
+from clip_jax.models.params import flatten_names
+
+Batch = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a step changes. `loss_params` holds parameters of the loss (SigLIP's
+  bias), not of the model; `batch_stats` the ResNet's BatchNorm statistics ({} for ViT)."""
+  step: jax.Array
+  params: Any
+  loss_params: Any
+  opt_state: Any
+  batch_stats: Any
+
+  @property
+  def trainable(self) -> dict[str, Any]:
+    """The tree the optimizer sees; optimizer rules match names under these two keys."""
+    return {'params': self.params, 'loss_params': self.loss_params}
+
+
+def _init_fn(config: Any, model: nn.Module, tx: optax.GradientTransformation
+             ) -> Callable[[jax.Array], TrainState]:
+  def init(rng: jax.Array) -> TrainState:
+    variables = init_variables(model, config.model, rng)
+    params = variables['params']
+    loss_params = losses.init_loss_params(config.loss)
+    opt_state = tx.init({'params': params, 'loss_params': loss_params})
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, loss_params=loss_params,
+                      opt_state=opt_state, batch_stats=variables.get('batch_stats', {}))
+  return init
+
+
+def train_state_shardings(config: Any, model: nn.Module, mesh: Mesh,
+                          tx: optax.GradientTransformation | None = None
+                          ) -> tuple[TrainState, TrainState]:
+  """(abstract state of ShapeDtypeStructs, state of NamedShardings), allocating nothing.
+
+  Parameters are placed by `config.mesh` rules from their logical axis names; Adam's
+  moments follow their parameter; BatchNorm statistics, loss parameters and counters
+  are replicated. A checkpoint restore can use both trees directly.
+  """
+  tx = optim.make_optimizer(config) if tx is None else tx
+  rng = jax.random.key(0)
+  abstract = jax.eval_shape(_init_fn(config, model, tx), rng)
+  boxed = jax.eval_shape(lambda r: model.init(r, *dummy_inputs(config.model)), rng)
+  logical = sharding.logical_axes_of(boxed)
+  rules = sharding.rules_from_config(config.mesh)
+  param_specs = sharding.tree_partition_specs(abstract.params, logical['params'], mesh, rules)
+  replicate = lambda tree: jax.tree_util.tree_map(lambda _: P(), tree)
+  trainable_specs = {'params': param_specs, 'loss_params': replicate(abstract.loss_params)}
+  named_specs = flatten_names(trainable_specs)
+  named_shapes = {n: leaf.shape for n, leaf in flatten_names(
+      {'params': abstract.params, 'loss_params': abstract.loss_params}).items()}
+  specs = TrainState(
+      step=P(), params=param_specs, loss_params=trainable_specs['loss_params'],
+      opt_state=sharding.specs_by_name_suffix(abstract.opt_state, named_specs, named_shapes),
+      batch_stats=replicate(abstract.batch_stats))
+  return abstract, sharding.to_named_shardings(specs, mesh)
+
+
+def create_train_state(config: Any, model: nn.Module, mesh: Mesh, rng: jax.Array
+                       ) -> tuple[TrainState, TrainState]:
+  """(state, state_shardings): every array created on its devices by one jitted init."""
+  tx = optim.make_optimizer(config)
+  _, shardings = train_state_shardings(config, model, mesh, tx)
+  state = jax.jit(_init_fn(config, model, tx), out_shardings=shardings)(rng)
+  return state, shardings
+
+
+def describe_train_state(config: Any, state: TrainState, shardings: TrainState) -> list[str]:
+  """Start-up log lines: decay / LR multiplier / freezing per leaf, then placement."""
+  lines = optim.describe_param_groups(config, state.trainable)
+  lines.append('placement (mesh axes per dimension):')
+  lines += sharding.describe_shardings(
+      state.params, jax.tree_util.tree_map(lambda s: s.spec, shardings.params))
+  return lines
+
+
+def _embed_fn(model: nn.Module) -> Callable[..., tuple[tuple[jax.Array, jax.Array], Any]]:
+  """(params, batch_stats, images, texts) -> ((image_features, text_features), batch_stats).
+
+  L2-normalised features in training mode; BatchNorm statistics are updated when the
+  model has them (ResNet) and passed through otherwise.
+  """
+  def embed(params, batch_stats, images, texts):
+    if batch_stats:
+      (image, text, _), updates = model.apply(
+          {'params': params, 'batch_stats': batch_stats}, images, texts, train=True,
+          mutable=['batch_stats'])
+      return (image, text), updates['batch_stats']
+    image, text, _ = model.apply({'params': params}, images, texts, train=True)
+    return (image, text), batch_stats
+  return embed
+
+
+def make_grad_fn(config: Any, model: nn.Module, mesh: Mesh
+                 ) -> Callable[[dict[str, Any], Any, Batch],
+                               tuple[jax.Array, Metrics, Any, dict[str, Any]]]:
+  """`grads(trainable, batch_stats, batch) -> (loss, metrics, batch_stats, grads)`.
+
+  `trainable` is `TrainState.trainable`. With `config.train.micro_batches = M > 1`
+  the gradient is GradCache's, equal to the full batch's. Not jitted: call it inside jit.
+  """
+  loss_fn = losses.make_loss(config.loss, mesh)
+  embed = _embed_fn(model)
+  micro = int(config.train.micro_batches)
+  batch_axes = tuple(a for a in sharding.BATCH_AXES if a in mesh.axis_names)
+  rows = lambda ndim: NamedSharding(mesh, P(batch_axes, *([None] * (ndim - 1))))
+  constrain = lambda x: jax.lax.with_sharding_constraint(x, rows(x.ndim))
+
+  def loss_of_features(image, text, trainable):
+    return loss_fn(constrain(image), constrain(text), trainable['params']['logit_scale'],
+                   trainable['loss_params'])
+
+  def full_batch(trainable, batch_stats, images, texts):
+    def loss_of(trainable):
+      features, new_stats = embed(trainable['params'], batch_stats, images, texts)
+      loss, metrics = loss_of_features(*features, trainable)
+      return loss, (metrics, new_stats)
+    (loss, (metrics, new_stats)), grads = jax.value_and_grad(loss_of, has_aux=True)(trainable)
+    return loss, metrics, new_stats, grads
+
+  def split(x):
+    # Row k*M + m goes to micro-batch m: each device keeps its own rows, no transfer.
+    x = x.reshape(x.shape[0] // micro, micro, *x.shape[1:]).swapaxes(0, 1)
+    return jax.lax.with_sharding_constraint(
+        x, NamedSharding(mesh, P(None, batch_axes, *([None] * (x.ndim - 2)))))
+
+  def merge(x):
+    return constrain(x.swapaxes(0, 1).reshape(-1, *x.shape[2:]))
+
+  def grad_cache(trainable, batch_stats, images, texts):
+    params = trainable['params']
+    frozen_params = jax.lax.stop_gradient(params)
+
+    def embed_micro(stats, micro_batch):
+      features, stats = embed(frozen_params, stats, *micro_batch)
+      return stats, features
+    new_stats, (image, text) = jax.lax.scan(embed_micro, batch_stats,
+                                            (split(images), split(texts)))
+    image, text = merge(image), merge(text)
+    (loss, metrics), (g_image, g_text, grads) = jax.value_and_grad(
+        loss_of_features, argnums=(0, 1, 2), has_aux=True)(image, text, trainable)
+
+    def backprop_micro(acc, micro_batch):
+      micro_images, micro_texts, g_micro_image, g_micro_text = micro_batch
+      # Training-mode BatchNorm normalises by the micro-batch's own statistics, so the
+      # recomputed features equal those of the first pass.
+      _, vjp = jax.vjp(lambda p: embed(p, batch_stats, micro_images, micro_texts)[0], params)
+      (g_params,) = vjp((g_micro_image, g_micro_text))
+      return jax.tree_util.tree_map(jnp.add, acc, g_params), None
+    g_params, _ = jax.lax.scan(
+        backprop_micro, jax.tree_util.tree_map(jnp.zeros_like, params),
+        (split(images), split(texts), split(g_image), split(g_text)))
+    grads = dict(grads, params=jax.tree_util.tree_map(jnp.add, grads['params'], g_params))
+    return loss, metrics, new_stats, grads
+
+  def grad_fn(trainable, batch_stats, batch):
+    images, texts = constrain(batch['image']), constrain(batch['text'])
+    global_batch = images.shape[0]
+    data_parallel = sharding.data_parallel_size(mesh)
+    if global_batch % (micro * data_parallel):
+      raise ValueError(
+          f'config.train.micro_batches: the global batch {global_batch} must split into '
+          f'{micro} micro-batches x {data_parallel} data-parallel devices evenly')
+    if micro > 1:
+      return grad_cache(trainable, batch_stats, images, texts)
+    return full_batch(trainable, batch_stats, images, texts)
+  return grad_fn
+
+
+def clip_temperature(params: dict[str, Any], logit_scale_max: float) -> dict[str, Any]:
+  """exp(logit_scale) <= exp(logit_scale_max) (100 in the paper), applied after updates."""
+  return dict(params, logit_scale=jnp.minimum(params['logit_scale'], logit_scale_max))
+
+
+def make_train_step(config: Any, model: nn.Module, mesh: Mesh, state_shardings: TrainState
+                    ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+  """The jitted step `(state, batch) -> (state, metrics)`; the input state is donated.
+
+  `batch` holds global arrays 'image' [B, H, W, 3] and 'text' [B, context] (other keys
+  are ignored). Metrics are replicated scalars: loss, accuracy (in-batch retrieval,
+  both directions), temperature (after the update), grad_norm (trainable leaves,
+  before clipping), learning_rate (the one this step used).
+  """
+  tx = optim.make_optimizer(config)
+  schedule = optim.learning_rate_schedule(config.optim, config.total_steps)
+  grad_fn = make_grad_fn(config, model, mesh)
+  logit_scale_max = float(config.model.logit_scale_max)
+
+  def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+    trainable = state.trainable
+    loss, metrics, batch_stats, grads = grad_fn(trainable, state.batch_stats, batch)
+    updates, opt_state = tx.update(grads, state.opt_state, trainable)
+    trainable = optax.apply_updates(trainable, updates)
+    params = clip_temperature(trainable['params'], logit_scale_max)
+    metrics = dict(metrics, loss=loss,
+                   temperature=jnp.exp(params['logit_scale']),
+                   grad_norm=optim.trainable_norm(config.optim, grads),
+                   learning_rate=schedule(state.step))
+    new_state = TrainState(step=state.step + 1, params=params,
+                           loss_params=trainable['loss_params'], opt_state=opt_state,
+                           batch_stats=batch_stats)
+    return new_state, metrics
+
+  return jax.jit(step, out_shardings=(state_shardings, NamedSharding(mesh, P())),
+                 donate_argnums=(0,))
