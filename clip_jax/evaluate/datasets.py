@@ -1,0 +1,204 @@
+"""Evaluation datasets: an image folder (PIL, no tensorflow), the built-in scenes, and
+TFDS or our TFRecord shards through the data pipeline (tensorflow, imported lazily).
+
+A dataset spec is a string:
+  folder:PATH   (or just PATH of a directory) images in `PATH/<class_name>/*.jpg`; an
+                optional `PATH/captions.jsonl` with {"image": "<relative path>",
+                "captions": [...]} per line makes it a retrieval set
+  builtin       the procedurally drawn scenes of `clip_jax.data.builtin` (split `test`:
+                held-out colour/shape pairs, `train` and `test_seen`: seen pairs)
+  tfds:NAME     a TFDS dataset already under `data_dir` (nothing is downloaded)
+  shards:GLOB   TFRecord shards written by `clip_jax.data.write_tfrecord_shards`
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+from jax.sharding import Mesh
+from PIL import Image
+
+from clip_jax.evaluate.features import host_batches
+
+# OpenAI's CLIP pixel statistics (RGB, on [0, 1]).
+CLIP_MEAN = np.array((0.48145466, 0.4578275, 0.40821073), np.float32)
+CLIP_STD = np.array((0.26862954, 0.26130258, 0.27577711), np.float32)
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff')
+# The built-in scenes are generated, not stored: how many per split and from which seed.
+BUILTIN_SPLITS = {'train': (False, 1), 'test': (True, 2), 'test_seen': (False, 3)}
+BUILTIN_DEFAULT_SIZE = 600
+
+
+def normalize_pixels(uint8_images: np.ndarray) -> np.ndarray:
+  """uint8 (or [0, 255] float) HWC images -> float32 with CLIP's mean and std."""
+  return ((np.asarray(uint8_images, np.float32) / 255.0) - CLIP_MEAN) / CLIP_STD
+
+
+def resize_center_crop(image: Image.Image, image_size: int) -> Image.Image:
+  """Bicubic resize of the shorter side to `image_size`, then a centred square crop.
+
+  The arithmetic follows torchvision's Resize(int) + CenterCrop, which open_clip's eval
+  transform uses, so the same file gives the same pixels in both.
+  """
+  image = image.convert('RGB')
+  width, height = image.size
+  short, long = (width, height) if width <= height else (height, width)
+  new_short, new_long = image_size, int(image_size * long / short)
+  new_w, new_h = (new_short, new_long) if width <= height else (new_long, new_short)
+  if (new_w, new_h) != (width, height):
+    image = image.resize((new_w, new_h), Image.BICUBIC)
+  top = int(round((new_h - image_size) / 2.0))
+  left = int(round((new_w - image_size) / 2.0))
+  return image.crop((left, top, left + image_size, top + image_size))
+
+
+def load_image(path: str, image_size: int) -> np.ndarray:
+  """One image file as float32 [image_size, image_size, 3], CLIP-normalised."""
+  with Image.open(path) as image:
+    return normalize_pixels(np.asarray(resize_center_crop(image, image_size)))
+
+
+@dataclasses.dataclass
+class EvalData:
+  """One split of an evaluation dataset, readable in sharded global batches.
+
+  `batches(global_batch_size, mesh)` yields this host's padded batches with `image`,
+  `mask`, `index` (the example's position in the split) and `label` when known.
+  `captions[i]` are the captions of example i (retrieval sets).
+  """
+  name: str
+  num_examples: int
+  batches: Callable[[int, Mesh], Iterator[dict[str, np.ndarray]]]
+  classnames: list[str] | None = None
+  captions: list[list[str]] | None = None
+  templates: tuple[str, ...] | None = None   # the dataset's own prompts, if it has any
+  skipped: list[str] = dataclasses.field(default_factory=list)   # unreadable files
+
+
+def list_images(folder: str) -> list[str]:
+  """Image files under `folder` (recursively), sorted by relative path."""
+  found = []
+  for root, _, files in os.walk(folder):
+    for name in files:
+      if name.lower().endswith(IMAGE_EXTENSIONS):
+        found.append(os.path.relpath(os.path.join(root, name), folder))
+  return sorted(found)
+
+
+def _file_batches(folder: str, files: Sequence[str], labels: np.ndarray, image_size: int,
+                  skipped: list[str]) -> Callable[[int, Mesh], Iterator[dict[str, np.ndarray]]]:
+  def load_rows(indices: np.ndarray) -> dict[str, np.ndarray]:
+    images = np.zeros((len(indices), image_size, image_size, 3), np.float32)
+    mask = np.ones(len(indices), bool)
+    for row, i in enumerate(indices):
+      path = os.path.join(folder, files[i])
+      try:
+        images[row] = load_image(path, image_size)
+      except (OSError, ValueError) as error:   # a corrupt file is skipped and counted
+        mask[row] = False
+        skipped.append(f'{path}: {error}')
+    return {'image': images, 'mask': mask, 'label': labels[indices].astype(np.int32),
+            'index': indices.astype(np.int32)}
+
+  return lambda batch_size, mesh: host_batches(len(files), batch_size, mesh, load_rows)
+
+
+def image_folder(folder: str, image_size: int, max_examples: int = 0, name: str = '') -> EvalData:
+  """Classification from `folder/<class_name>/<image>`; optional captions.jsonl for retrieval.
+
+  Class names are the sub-folder names with `_` read as a space; labels follow their
+  sorted order. Without sub-folders, every image has label -1 (retrieval or embedding).
+  """
+  if not os.path.isdir(folder):
+    raise FileNotFoundError(f'{folder}: not a directory; expected an image folder')
+  files = list_images(folder)
+  if not files:
+    raise ValueError(f'{folder}: no image files ({", ".join(IMAGE_EXTENSIONS)}) found')
+  class_dirs = sorted({f.split(os.sep)[0] for f in files if os.sep in f})
+  classnames = [d.replace('_', ' ') for d in class_dirs] or None
+  if classnames:
+    files = [f for f in files if os.sep in f]
+    labels = np.array([class_dirs.index(f.split(os.sep)[0]) for f in files], np.int32)
+  else:
+    labels = np.full(len(files), -1, np.int32)
+  captions = None
+  captions_path = os.path.join(folder, 'captions.jsonl')
+  if os.path.exists(captions_path):
+    files, labels, captions = _read_captions(captions_path, files, labels)
+  if max_examples:
+    files, labels = files[:max_examples], labels[:max_examples]
+    captions = captions[:max_examples] if captions else None
+  skipped: list[str] = []
+  return EvalData(name=name or os.path.basename(os.path.normpath(folder)), num_examples=len(files),
+                  batches=_file_batches(folder, files, labels, image_size, skipped),
+                  classnames=classnames, captions=captions, skipped=skipped)
+
+
+def _read_captions(path: str, files: list[str], labels: np.ndarray
+                   ) -> tuple[list[str], np.ndarray, list[list[str]]]:
+  """Keeps the images that captions.jsonl describes, in the file's order."""
+  label_of = dict(zip(files, labels.tolist()))
+  kept, kept_labels, captions = [], [], []
+  with open(path, encoding='utf-8') as f:
+    for line_number, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(line)
+        image, texts = record['image'], record['captions']
+      except (json.JSONDecodeError, KeyError, TypeError):
+        raise ValueError(f'{path}:{line_number}: expected a JSON object with "image" (a path '
+                         'relative to the folder) and "captions" (a list of strings)') from None
+      image = os.path.normpath(image)
+      if image not in label_of:
+        raise ValueError(f'{path}:{line_number}: image {image!r} is not an image file of the folder')
+      if isinstance(texts, str):
+        texts = [texts]
+      if not texts:
+        raise ValueError(f'{path}:{line_number}: image {image!r} has no captions')
+      kept.append(image)
+      kept_labels.append(label_of[image])
+      captions.append([str(t) for t in texts])
+  return kept, np.array(kept_labels, np.int32), captions
+
+
+def builtin_scenes(split: str, image_size: int, max_examples: int = 0) -> EvalData:
+  """The generated scenes of `clip_jax.data.builtin` (deterministic; needs no files)."""
+  from clip_jax.data import builtin   # pylint: disable=import-outside-toplevel
+  if split not in BUILTIN_SPLITS:
+    raise ValueError(f'builtin: unknown split {split!r}; expected one of {", ".join(BUILTIN_SPLITS)}')
+  held_out, seed = BUILTIN_SPLITS[split]
+  records = list(builtin.scenes(max_examples or BUILTIN_DEFAULT_SIZE, seed=seed,
+                                held_out=held_out, image_size=image_size))
+  images = normalize_pixels(np.stack([r['image'] for r in records]))
+  labels = np.array([r['label'] for r in records], np.int32)
+
+  def load_rows(indices: np.ndarray) -> dict[str, np.ndarray]:
+    return {'image': images[indices], 'label': labels[indices], 'index': indices.astype(np.int32)}
+
+  return EvalData(name=f'builtin_{split}', num_examples=len(records),
+                  batches=lambda batch_size, mesh: host_batches(len(records), batch_size, mesh,
+                                                                load_rows),
+                  classnames=builtin.class_names(), captions=[list(r['caption']) for r in records],
+                  templates=tuple(builtin.PROMPT_TEMPLATES))
+
+
+def open_dataset(spec: str, *, split: str = 'test', image_size: int, data_dir: str | None = None,
+                 max_examples: int = 0) -> EvalData:
+  """The split `split` of the dataset named by `spec` (see the module docstring)."""
+  kind, _, location = spec.partition(':')
+  if not location and kind not in ('builtin',):
+    kind, location = ('folder', spec) if os.path.isdir(spec) else (kind, location)
+  if kind == 'builtin':
+    return builtin_scenes(split, image_size, max_examples)
+  if kind == 'folder':
+    folder = os.path.join(location, split) if os.path.isdir(os.path.join(location, split)) \
+        else location
+    return image_folder(folder, image_size, max_examples,
+                        name=os.path.basename(os.path.normpath(location)))
+  raise ValueError(f'dataset {spec!r}: expected builtin, folder:PATH (or a directory), '
+                   'tfds:NAME or shards:GLOB')

@@ -1,0 +1,187 @@
+"""Evaluation tasks on a model, and `run_evaluations`, which the trainer calls periodically.
+
+Each task takes a Flax CLIP module, its variables and the mesh; features are extracted
+on the mesh (`features.py`), the scoring runs on the host in numpy / scikit-learn.
+Results are flat dicts `{'<task>/<dataset>/<metric>': value}` (percentages).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh
+
+from clip_jax.evaluate import datasets as eval_datasets
+from clip_jax.evaluate.datasets import EvalData
+from clip_jax.evaluate.features import TowerEncoder, encode_arrays, extract_features
+from clip_jax.evaluate.linear_probe import linear_probe
+from clip_jax.evaluate.retrieval import retrieval_recall
+from clip_jax.evaluate.templates import get_templates
+from clip_jax.evaluate.zeroshot import params_fingerprint, zeroshot_accuracy, zeroshot_classifier
+from clip_jax.models.clip import CLIP
+
+TASKS = ('zeroshot', 'retrieval', 'linear_probe')
+RESULTS_FILE = 'eval_results.json'
+HISTORY_FILE = 'eval_results.jsonl'
+
+
+def _check_tokenizer(model: CLIP, tokenizer: Callable[[Sequence[str]], np.ndarray]) -> None:
+  context = int(model.text.context_length)
+  got = getattr(tokenizer, 'context_length', context)
+  if int(got) != context:
+    raise ValueError(f'tokenizer: context_length {got} does not match the model\'s text '
+                     f'context_length {context}')
+
+
+def text_encoder(model: CLIP, variables: Any, mesh: Mesh, batch_size: int
+                 ) -> Callable[[np.ndarray], np.ndarray]:
+  """token ids [n, context] -> L2-normalised text features [n, E], on the mesh."""
+  encode_fn = TowerEncoder(model, 'text')
+  return lambda tokens: encode_arrays(encode_fn, variables, tokens, mesh, batch_size)
+
+
+def image_features(data: EvalData, model: CLIP, variables: Any, mesh: Mesh, batch_size: int
+                   ) -> dict[str, np.ndarray]:
+  """L2-normalised image features of every readable example, with `label` and `index`."""
+  return extract_features(TowerEncoder(model, 'image'), variables,
+                          data.batches(batch_size, mesh), mesh, input_key='image')
+
+
+def evaluate_zeroshot(data: EvalData, model: CLIP, variables: Any, mesh: Mesh,
+                      tokenizer: Callable[[Sequence[str]], np.ndarray], *, batch_size: int,
+                      templates: Sequence[str], classnames: Sequence[str] | None = None,
+                      cache_dir: str | None = None) -> dict[str, float]:
+  """top1 / top5 / mean_per_class of a prompt-ensemble classifier on `data`."""
+  _check_tokenizer(model, tokenizer)
+  classnames = list(classnames or data.classnames or [])
+  if not classnames:
+    raise ValueError(f'{data.name}: no class names; pass a file with one name per line '
+                     '(--classnames / config.eval.classnames)')
+  fingerprint = params_fingerprint(variables) if cache_dir else None
+  classifier = zeroshot_classifier(text_encoder(model, variables, mesh, batch_size), tokenizer,
+                                   classnames, templates, batch_size, cache_dir=cache_dir,
+                                   fingerprint=fingerprint)
+  feats = image_features(data, model, variables, mesh, batch_size)
+  if feats['label'].size and feats['label'].max() >= len(classnames):
+    raise ValueError(f'{data.name}: label {feats["label"].max()} but only {len(classnames)} '
+                     'class names')
+  metrics = zeroshot_accuracy(feats['features'], feats['label'], classifier)
+  metrics['num_examples'] = float(len(feats['label']))
+  return metrics
+
+
+def evaluate_retrieval(data: EvalData, model: CLIP, variables: Any, mesh: Mesh,
+                       tokenizer: Callable[[Sequence[str]], np.ndarray], *, batch_size: int
+                       ) -> dict[str, float]:
+  """Image->text and text->image Recall@1/5/10 over all captions of `data`."""
+  _check_tokenizer(model, tokenizer)
+  if not data.captions:
+    raise ValueError(f'{data.name}: no captions; retrieval needs a dataset with captions '
+                     '(e.g. captions.jsonl in an image folder)')
+  feats = image_features(data, model, variables, mesh, batch_size)
+  # Images that could not be read are dropped together with their captions.
+  kept = feats['index']
+  texts, owners = [], []
+  for position, example in enumerate(kept):
+    texts += data.captions[example]
+    owners += [position] * len(data.captions[example])
+  encode_text = text_encoder(model, variables, mesh, batch_size)
+  text_feats = np.concatenate([encode_text(tokenizer(texts[i:i + batch_size]))
+                               for i in range(0, len(texts), batch_size)])
+  metrics = retrieval_recall(feats['features'], text_feats, np.array(owners))
+  metrics['num_examples'] = float(len(kept))
+  return metrics
+
+
+def evaluate_linear_probe(train: EvalData, test: EvalData, model: CLIP, variables: Any,
+                          mesh: Mesh, *, batch_size: int, val_fraction: float = 0.2,
+                          seed: int = 0) -> dict[str, float]:
+  """Logistic regression on frozen image features; C chosen on `train` only."""
+  train_feats = image_features(train, model, variables, mesh, batch_size)
+  test_feats = image_features(test, model, variables, mesh, batch_size)
+  return linear_probe(train_feats['features'], train_feats['label'], test_feats['features'],
+                      test_feats['label'], val_fraction=val_fraction, seed=seed)
+
+
+def read_lines(path: str, what: str) -> list[str]:
+  """Non-empty lines of a text file; a clear error naming the file if it is missing."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'{path}: no such file; expected {what}, one per line')
+  with open(path, encoding='utf-8') as f:
+    return [line.strip() for line in f if line.strip()]
+
+
+def _specs(value: str) -> list[str]:
+  return [s.strip() for s in str(value or '').split(',') if s.strip()]
+
+
+def run_evaluations(eval_config: ml_collections.ConfigDict, model: CLIP, variables: Any,
+                    mesh: Mesh, tokenizer: Callable[[Sequence[str]], np.ndarray],
+                    workdir: str | None = None, step: int | None = None) -> dict[str, float]:
+  """Every task of `config.eval` (see config.py::_eval_defaults) on its datasets.
+
+  Returns `{'<task>/<dataset>/<metric>': value}`. With a workdir, process 0 prints a
+  Markdown table and writes `eval_results.json` (latest) and appends a line to
+  `eval_results.jsonl` (history, with `step`).
+  """
+  image_size = int(model.visual.image_size)
+  batch_size = int(eval_config.batch_size)
+  common = dict(split=eval_config.split, image_size=image_size,
+                data_dir=eval_config.data_dir or None, max_examples=int(eval_config.max_examples))
+  classnames = (read_lines(eval_config.classnames, 'class names')
+                if eval_config.classnames else None)
+  cache_dir = eval_config.cache_dir or (os.path.join(workdir, 'eval_cache') if workdir else None)
+  results: dict[str, float] = {}
+  start = time.time()
+  for spec in _specs(eval_config.zeroshot):
+    data = eval_datasets.open_dataset(spec, **common)
+    templates = (data.templates if eval_config.templates == 'auto' and data.templates
+                 else get_templates(eval_config.templates, data.name))
+    metrics = evaluate_zeroshot(data, model, variables, mesh, tokenizer, batch_size=batch_size,
+                                templates=templates, classnames=classnames, cache_dir=cache_dir)
+    results.update({f'zeroshot/{data.name}/{k}': v for k, v in metrics.items()})
+  for spec in _specs(eval_config.retrieval):
+    data = eval_datasets.open_dataset(spec, **common)
+    metrics = evaluate_retrieval(data, model, variables, mesh, tokenizer, batch_size=batch_size)
+    results.update({f'retrieval/{data.name}/{k}': v for k, v in metrics.items()})
+  for spec in _specs(eval_config.linear_probe):
+    test = eval_datasets.open_dataset(spec, **common)
+    train = eval_datasets.open_dataset(spec, **dict(common, split=eval_config.train_split))
+    metrics = evaluate_linear_probe(train, test, model, variables, mesh, batch_size=batch_size,
+                                    val_fraction=float(eval_config.probe_val_fraction))
+    results.update({f'linear_probe/{test.name}/{k}': v for k, v in metrics.items()})
+  if workdir and results and jax.process_index() == 0:
+    print(markdown_table(results))
+    path = write_results(workdir, results, step)
+    print(f'evaluation: {len(results)} metrics in {time.time() - start:.1f}s, written to {path}')
+  return results
+
+
+def markdown_table(results: dict[str, float]) -> str:
+  """`| task | dataset | metric | value |`, one row per metric, in the order given."""
+  lines = ['| task | dataset | metric | value |', '|---|---|---|---|']
+  for key, value in results.items():
+    task, dataset, metric = key.split('/', 2)
+    shown = f'{int(value)}' if metric == 'num_examples' else f'{value:.4g}' if metric == 'C' \
+        else f'{value:.2f}'
+    lines.append(f'| {task} | {dataset} | {metric} | {shown} |')
+  return '\n'.join(lines)
+
+
+def write_results(workdir: str, results: dict[str, float], step: int | None = None) -> str:
+  """Latest results to `<workdir>/eval_results.json`, history to `eval_results.jsonl`."""
+  os.makedirs(workdir, exist_ok=True)
+  record = {'step': step, 'time': time.time(), 'metrics': results}
+  path = os.path.join(workdir, RESULTS_FILE)
+  with open(path + '.tmp', 'w', encoding='utf-8') as f:
+    json.dump(record, f, indent=2)
+  os.replace(path + '.tmp', path)
+  with open(os.path.join(workdir, HISTORY_FILE), 'a', encoding='utf-8') as f:
+    f.write(json.dumps(record) + '\n')
+  return path
