@@ -81,6 +81,37 @@ def _eval_defaults() -> ml_collections.ConfigDict:
   ))
 
 
+def _data_defaults(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  # clip_jax.data: the training source, crops, host pipeline and tokenizer. OpenAI-sized
+  # text towers use the CLIP BPE; smaller vocabularies (tiny) a SentencePiece model.
+  return ml_collections.ConfigDict(dict(
+      train=dict(
+          source='tfrecord',        # 'tfrecord' | 'wds' (img2dataset .tar) | 'tfds'
+          pattern='',               # globs and {00000..00099} ranges, comma-separated; gs:// ok
+          tfds_name='', tfds_split='train', data_dir='',   # source 'tfds' (never downloads)
+          image_key='',             # '' = the source's default ('image'; wds: 'jpg,jpeg,png,webp')
+          caption_key='',           # '' = 'caption' (wds: 'txt'); tfds: a feature path
+          label_key='',             # '' = no labels; e.g. 'label' (wds: 'cls')
+          caption_template='',      # captions from class names, e.g. 'a photo of a {}.'
+      ),
+      crop='square',                # 'square' (the paper) | 'random_resized' (open_clip)
+      crop_scale=(0.9, 1.0),        # area fraction of the crop
+      crop_ratio=(3 / 4, 4 / 3),    # aspect ratios of 'random_resized'
+      resize_method='bicubic',
+      shuffle_buffer=10_000,        # samples, within a group of cycle_length files
+      cycle_length=16,              # files of a host read at once (interleaved)
+      num_parallel_calls=-1,        # decode threads; -1 = tf.data AUTOTUNE
+      prefetch=2,                   # host batches prepared ahead by tf.data
+      device_prefetch=2,            # global batches prepared ahead by prefetch_to_mesh
+      tokenizer=dict(
+          type='clip_bpe' if model.text.vocab_size == 49408 else 'sentencepiece',
+          vocab_path='',            # clip_bpe merges file; '' = the one open_clip ships
+          model_path='',            # sentencepiece .model (python -m clip_jax.data.train_tokenizer)
+          context_length=model.text.context_length,
+      ),
+  ))
+
+
 def get_config(arch: str = 'tiny', **model_overrides: Any) -> ml_collections.ConfigDict:
   """The full default config for architecture `arch` (see clip_jax.models.architectures)."""
   config = ml_collections.ConfigDict()
@@ -93,6 +124,7 @@ def get_config(arch: str = 'tiny', **model_overrides: Any) -> ml_collections.Con
   config.optim = _optim_defaults()
   config.train = _train_defaults()
   config.eval = _eval_defaults()
+  config.data = _data_defaults(config.model)
   return config
 
 
