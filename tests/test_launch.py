@@ -26,7 +26,7 @@ WORKDIR = 'gs://bucket/runs/vit'
 def _env(**extra):
   # No settings leak in from the caller's environment.
   env = {k: v for k, v in os.environ.items()
-         if not k.startswith(('TPU_', 'CLIP_JAX_', 'SLURM_', 'DRY_RUN', 'WATCH_'))}
+         if not k.startswith(('TPU_', 'CLIP_JAX_', 'SLURM_', 'DRY_RUN', 'WATCH_', 'JAX_LOCAL'))}
   env.update(extra)
   return env
 
@@ -264,18 +264,29 @@ def test_watch_queued_resource_suspended_and_gives_up(tmp_path):
                      'queued-resources describe', 'ssh status', 'ssh stop', 'ssh start']
 
 
+def _metadata(directory, worker_id, endpoints):
+  directory.mkdir()
+  (directory / 'agent-worker-number').write_text(str(worker_id))
+  (directory / 'worker-network-endpoints').write_text(endpoints)
+  return f'file://{directory}'
+
+
 def test_worker_job_control_for_real(tmp_path):
-  """worker.sh on this machine: start detaches the job, status follows it, stop ends it."""
+  """worker.sh on this machine: start detaches the job with the distributed environment
+  of its TPU worker, status follows it, stop ends it."""
   venv, home = tmp_path / 'venv', tmp_path / 'home'
   (venv / 'bin').mkdir(parents=True)
-  # The job's "python": records its arguments, then waits for a file or exits with its code.
+  # The job's "python": records its arguments and environment, then waits for a file
+  # and exits with the code written in it.
   fake_python = venv / 'bin' / 'python'
-  fake_python.write_text('#!/usr/bin/env bash\necho "args: $*"\n'
+  fake_python.write_text('#!/usr/bin/env bash\necho "args: $*"\nenv | grep -E ^CLIP_JAX_\(COORDINATOR_ADDRESS\|NUM_PROCESSES\|PROCESS_ID\)= | sort\n'
                          f'while [[ ! -f {tmp_path}/release ]]; do sleep 0.1; done\n'
                          f'exit "$(cat {tmp_path}/release)"\n')
   fake_python.chmod(0o755)
   (venv / 'bin' / 'activate').write_text(f'export PATH={venv}/bin:$PATH\n')
-  env = _env(CLIP_JAX_VENV=str(venv), CLIP_JAX_JOB_DIR=str(home / 'job'))
+  env = _env(CLIP_JAX_VENV=str(venv), CLIP_JAX_JOB_DIR=str(home / 'job'),
+             TPU_METADATA_URL=_metadata(tmp_path / 'md1', 1,
+                                        't1v-n-0-w-0:0:10.0.0.2,t1v-n-0-w-1:1:10.0.0.3'))
   worker = TPU / 'worker.sh'
 
   def status():
@@ -294,15 +305,25 @@ def test_worker_job_control_for_real(tmp_path):
   wait_for('exit 3')
   log = (home / 'job' / 'log').read_text()
   assert 'args: -m clip_jax.main --config=configs/tiny.py a b' in log and 'exit 3' in log
+  assert ('CLIP_JAX_COORDINATOR_ADDRESS=10.0.0.2:8476\nCLIP_JAX_NUM_PROCESSES=2\n'
+          'CLIP_JAX_PROCESS_ID=1\n') in log
 
+  # Hostname-style endpoints; a stopped job is "absent", which watch.sh restarts.
   (tmp_path / 'release').unlink()
+  env['TPU_METADATA_URL'] = _metadata(tmp_path / 'md2', 0, 'host-a,host-b,host-c,host-d')
   _run(worker, 'start', '--', '--config=configs/tiny.py', env=env)
   wait_for('running')
+  log_file, deadline = home / 'job' / 'log', time.time() + 20
+  while 'CLIP_JAX_PROCESS_ID' not in log_file.read_text() and time.time() < deadline:
+    time.sleep(0.1)
   pid = int((home / 'job' / 'pid').read_text())
   assert 'stopped' in _run(worker, 'stop', env=env).stdout
-  assert status() == 'absent'                   # stopped, not finished: watch.sh restarts it
+  assert status() == 'absent'
   with pytest.raises(ProcessLookupError):
     os.kill(pid, 0)
+  log = log_file.read_text()
+  assert ('CLIP_JAX_COORDINATOR_ADDRESS=host-a:8476\nCLIP_JAX_NUM_PROCESSES=4\n'
+          'CLIP_JAX_PROCESS_ID=0\n') in log
 
 
 # --- GPU ---------------------------------------------------------------------------
@@ -319,8 +340,7 @@ def test_gpu_launcher_explicit_flags_and_env():
                 '--', '--config=configs/vit_b32.py', '--workdir=/shared/run')
   env, command = _launch_env(result)
   assert env == {'CLIP_JAX_COORDINATOR_ADDRESS': '10.0.0.1:1234', 'CLIP_JAX_NUM_PROCESSES': '4',
-                 'CLIP_JAX_PROCESS_ID': '3', 'CLIP_JAX_INIT_TIMEOUT': '300',
-                 'CLIP_JAX_LOCAL_DEVICE_IDS': '0,1'}
+                 'CLIP_JAX_PROCESS_ID': '3', 'JAX_LOCAL_DEVICE_IDS': '0,1'}
   assert command == ['/opt/py', '-m', 'clip_jax.main', '--config=configs/vit_b32.py',
                      '--workdir=/shared/run']
   # The same values from the environment.

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Starts one process of a multi-node JAX job: sets where the coordinator is, how many
-# processes there are and which one this is (read by clip_jax/distributed.py for
+# processes there are and which one this is (CLIP_JAX_COORDINATOR_ADDRESS,
+# CLIP_JAX_NUM_PROCESSES, CLIP_JAX_PROCESS_ID, read by clip_jax/distributed.py for
 # jax.distributed.initialize), then runs `python -m clip_jax.main ARGS...`.
 # Run it once per node (or per GPU), each with its own process id; no torchrun needed.
 #
@@ -12,17 +13,16 @@
 # or SLURM (inside srun: SLURM_NTASKS, SLURM_PROCID, the first host of
 # SLURM_JOB_NODELIST, port CLIP_JAX_COORDINATOR_PORT or 10000 + SLURM_JOB_ID % 20000).
 #
-#   --local-device-ids=0,1   the GPUs this process drives (default: all it sees)
+#   --local-device-ids=0,1   the GPUs this process drives (env JAX_LOCAL_DEVICE_IDS,
+#                            which JAX reads; default: all it sees)
 #   --python=PY              interpreter (env PYTHON, default python)
 #   --dry-run                print the environment and the command instead of running
-#   --timeout=SECONDS        give up when the processes have not all joined (default 300)
 set -euo pipefail
 
 coordinator="${CLIP_JAX_COORDINATOR_ADDRESS:-}"
 num_processes="${CLIP_JAX_NUM_PROCESSES:-}"
 process_id="${CLIP_JAX_PROCESS_ID:-}"
-local_device_ids="${CLIP_JAX_LOCAL_DEVICE_IDS:-}"
-init_timeout="${CLIP_JAX_INIT_TIMEOUT:-300}"
+local_device_ids="${JAX_LOCAL_DEVICE_IDS:-}"
 python="${PYTHON:-python}"
 dry_run=0
 
@@ -54,7 +54,6 @@ while (($#)); do
     --process-id=*) process_id="${1#*=}" ;;
     --local-device-ids=*) local_device_ids="${1#*=}" ;;
     --python=*) python="${1#*=}" ;;
-    --timeout=*) init_timeout="${1#*=}" ;;
     --dry-run) dry_run=1 ;;
     -h | --help)
       sed -n '2,/^set/{/^set/d;s/^# \{0,1\}//;p}' "$0"
@@ -87,8 +86,6 @@ fi
 if ! [[ "${process_id}" =~ ^[0-9]+$ ]] || ((process_id >= num_processes)); then
   die "--process-id (CLIP_JAX_PROCESS_ID): expected 0..$((num_processes - 1)), got '${process_id}'"
 fi
-[[ "${init_timeout}" =~ ^[1-9][0-9]*$ ]] ||
-  die "--timeout (CLIP_JAX_INIT_TIMEOUT): expected seconds, got '${init_timeout}'"
 [[ -z "${local_device_ids}" || "${local_device_ids}" =~ ^[0-9]+(,[0-9]+)*$ ]] ||
   die "--local-device-ids: expected a comma-separated list such as 0,1, got '${local_device_ids}'"
 
@@ -96,10 +93,9 @@ env_vars=(
   "CLIP_JAX_COORDINATOR_ADDRESS=${coordinator}"
   "CLIP_JAX_NUM_PROCESSES=${num_processes}"
   "CLIP_JAX_PROCESS_ID=${process_id}"
-  "CLIP_JAX_INIT_TIMEOUT=${init_timeout}"
 )
 if [[ -n "${local_device_ids}" ]]; then
-  env_vars+=("CLIP_JAX_LOCAL_DEVICE_IDS=${local_device_ids}")
+  env_vars+=("JAX_LOCAL_DEVICE_IDS=${local_device_ids}")
 fi
 command=("${python}" -m clip_jax.main "$@")
 

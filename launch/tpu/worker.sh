@@ -10,12 +10,40 @@
 #   worker.sh upload-log GS_DIR  copy the log to GS_DIR/HOST.log
 #
 # CLIP_JAX_VENV (default ~/clip_jax_venv) is the environment setup.sh built.
+# The job gets the distributed environment clip_jax/distributed.py reads
+# (CLIP_JAX_COORDINATOR_ADDRESS, CLIP_JAX_NUM_PROCESSES, CLIP_JAX_PROCESS_ID) from the
+# TPU VM metadata, as JAX's own TPU cluster detection does: worker 0 coordinates, on
+# CLIP_JAX_COORDINATOR_PORT (default 8476, JAX's).
 set -euo pipefail
 
 JOB_DIR="${CLIP_JAX_JOB_DIR:-${HOME}/clip_jax_job}"
 VENV="${CLIP_JAX_VENV:-${HOME}/clip_jax_venv}"
 REPO_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 HOST="$(hostname)"
+METADATA_URL="${TPU_METADATA_URL:-http://metadata.google.internal/computeMetadata/v1/instance/attributes}"
+
+tpu_metadata() {
+  curl -sf --max-time 10 -H 'Metadata-Flavor: Google' "${METADATA_URL}/$1"
+}
+
+# Exports the coordinator, process count and id of this worker unless they are set.
+# `worker-network-endpoints` lists the workers in process order, either as hostnames
+# or as name:id:ip triples.
+export_distributed_env() {
+  if [[ -n "${CLIP_JAX_COORDINATOR_ADDRESS:-}" ]]; then
+    return 0
+  fi
+  local worker_id endpoints hosts=() endpoint
+  worker_id="$(tpu_metadata agent-worker-number)" || return 0
+  endpoints="$(tpu_metadata worker-network-endpoints)" || return 0
+  IFS=',' read -r -a endpoints <<<"${endpoints}"
+  for endpoint in "${endpoints[@]}"; do
+    hosts+=("${endpoint##*:}")
+  done
+  export CLIP_JAX_COORDINATOR_ADDRESS="${hosts[0]}:${CLIP_JAX_COORDINATOR_PORT:-8476}"
+  export CLIP_JAX_NUM_PROCESSES="${#hosts[@]}"
+  export CLIP_JAX_PROCESS_ID="${worker_id}"
+}
 
 job_pid() {
   if [[ -f "${JOB_DIR}/pid" ]]; then
@@ -59,6 +87,8 @@ case "${1:-}" in
     # shellcheck source=/dev/null
     source "${VENV}/bin/activate"
     cd "${REPO_DIR}"
+    export_distributed_env
+    echo "clip_jax_job ${HOST}: process ${CLIP_JAX_PROCESS_ID:-0} of ${CLIP_JAX_NUM_PROCESSES:-1}, coordinator ${CLIP_JAX_COORDINATOR_ADDRESS:-none}"
     echo "clip_jax_job ${HOST}: $(date -u +%FT%TZ) python -m clip_jax.main $*"
     rc=0
     python -m clip_jax.main "$@" || rc=$?
