@@ -124,8 +124,14 @@ def test_train_runs_the_same_command_on_every_worker():
   assert '--worker=all' in ssh
   assert _train_args(ssh) == [
       '--config=configs/vit_b32.py', f'--workdir={WORKDIR}',
-      '--config.data.train_files=gs://bucket/laion/{00000..00099}.tar',
+      '--config.data.train.source=wds',
+      '--config.data.train.pattern=gs://bucket/laion/{00000..00099}.tar',
       '--config.batch_size=4096', "--config.note=it's a test"]
+  tfrecords = _run(TPU / 'train.sh', *ZONE_FLAGS, f'--workdir={WORKDIR}',
+                   '--data=gs://bucket/cc12m/train-*.tfrecord', '--dry-run')
+  assert _train_args(_commands(tfrecords)[0]) == [
+      '--config=configs/vit_b32.py', f'--workdir={WORKDIR}',
+      '--config.data.train.pattern=gs://bucket/cc12m/train-*.tfrecord']
 
 
 def test_logs_copy_out_and_delete():

@@ -14,7 +14,8 @@
 #   --queued               TPU_QUEUED=1             off (direct `tpu-vm create`)
 #   --config=FILE          CLIP_JAX_CONFIG          configs/vit_b32.py
 #   --workdir=gs://...     CLIP_JAX_WORKDIR         (required by train/watch/copy_out)
-#   --data=gs://...        CLIP_JAX_DATA            (optional) training shards, a glob
+#   --data=gs://...        CLIP_JAX_DATA            training shards (config.data.train.pattern):
+#                                                   globs, {000..099} ranges; .tar = img2dataset
 #   --env=KEY=VALUE                                 environment of the training job
 #                                                   (repeatable), e.g. JAX_COMPILATION_CACHE_DIR
 #   --dry-run              DRY_RUN=1                off
@@ -46,8 +47,6 @@ GCLOUD="${GCLOUD:-gcloud}"
 REMOTE_REPO='~/clip_jax'
 # shellcheck disable=SC2088,SC2034
 REMOTE_VENV='~/clip_jax_venv'
-# The trainer flag that receives --data (the train split of the input pipeline).
-DATA_CONFIG_KEY="${DATA_CONFIG_KEY:-config.data.train_files}"
 TRAIN_ARGS=()
 TRAIN_ENV=()
 
@@ -201,11 +200,16 @@ on_workers() {
 }
 
 # The one training command every worker runs: python -m clip_jax.main with the same
-# flags everywhere (JAX finds its process id and the coordinator from the TPU metadata).
+# flags everywhere (worker.sh adds each worker's process id and coordinator).
 train_command() {
   local args=("--config=${CLIP_JAX_CONFIG}" "--workdir=${CLIP_JAX_WORKDIR}")
   if [[ -n "${CLIP_JAX_DATA}" ]]; then
-    args+=("--${DATA_CONFIG_KEY}=${CLIP_JAX_DATA}")
+    # img2dataset's webdataset shards are .tar files; anything else is read as TFRecord
+    # unless the trainer flags after -- say otherwise (the last --config.x wins).
+    if [[ "${CLIP_JAX_DATA}" == *.tar ]]; then
+      args+=(--config.data.train.source=wds)
+    fi
+    args+=("--config.data.train.pattern=${CLIP_JAX_DATA}")
   fi
   args+=("${TRAIN_ARGS[@]}")
   local prefix=''
