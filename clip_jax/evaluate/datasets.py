@@ -132,10 +132,21 @@ def image_folder(folder: str, image_size: int, max_examples: int = 0, name: str 
   if max_examples:
     files, labels = files[:max_examples], labels[:max_examples]
     captions = captions[:max_examples] if captions else None
+  data = image_files(folder, files, image_size, labels,
+                     name=name or os.path.basename(os.path.normpath(folder)))
+  data.classnames, data.captions = classnames, captions
+  return data
+
+
+def image_files(folder: str, files: Sequence[str], image_size: int,
+                labels: np.ndarray | None = None, name: str = '') -> EvalData:
+  """Images `folder/<files[i]>` as example i (label -1 unless given); unreadable files
+  are masked out and listed in `skipped`."""
+  labels = np.full(len(files), -1, np.int32) if labels is None else np.asarray(labels, np.int32)
   skipped: list[str] = []
   return EvalData(name=name or os.path.basename(os.path.normpath(folder)), num_examples=len(files),
-                  batches=_file_batches(folder, files, labels, image_size, skipped),
-                  classnames=classnames, captions=captions, skipped=skipped)
+                  batches=_file_batches(folder, list(files), labels, image_size, skipped),
+                  skipped=skipped)
 
 
 def _read_captions(path: str, files: list[str], labels: np.ndarray

@@ -31,7 +31,11 @@ RESULTS_FILE = 'eval_results.json'
 HISTORY_FILE = 'eval_results.jsonl'
 
 
-def _check_tokenizer(model: CLIP, tokenizer: Callable[[Sequence[str]], np.ndarray]) -> None:
+def _check_tokenizer(model: CLIP, tokenizer: Callable[[Sequence[str]], np.ndarray] | None
+                     ) -> None:
+  if tokenizer is None:
+    raise ValueError('tokenizer: zero-shot classification and retrieval encode text; give the '
+                     "model's tokenizer")
   context = int(model.text.context_length)
   got = getattr(tokenizer, 'context_length', context)
   if int(got) != context:
@@ -122,7 +126,7 @@ def _specs(value: str) -> list[str]:
 
 
 def run_evaluations(eval_config: ml_collections.ConfigDict, model: CLIP, variables: Any,
-                    mesh: Mesh, tokenizer: Callable[[Sequence[str]], np.ndarray],
+                    mesh: Mesh, tokenizer: Callable[[Sequence[str]], np.ndarray] | None,
                     workdir: str | None = None, step: int | None = None) -> dict[str, float]:
   """Every task of `config.eval` (see config.py::_eval_defaults) on its datasets.
 

@@ -1,0 +1,130 @@
+"""Evaluation datasets: the image folder (classes, captions, corrupt files, open_clip's
+preprocessing), the built-in scenes, and `run_evaluations` end to end on 8 fake devices."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+import clip_jax
+from clip_jax.config import get_config
+from clip_jax.evaluate import datasets as ds
+from clip_jax.evaluate.run import markdown_table, run_evaluations
+from clip_jax.sharding import make_mesh, replicated
+
+COLOURS = {'red': (220, 30, 30), 'green': (30, 200, 40), 'deep_blue': (20, 40, 230)}
+
+
+def make_folder(root, per_class=4, corrupt=True, captions=True):
+  """class_name/*.{jpg,png} of varied, non-square sizes, a corrupt file, captions.jsonl."""
+  rng = np.random.default_rng(0)
+  records = []
+  for name, colour in COLOURS.items():
+    os.makedirs(root / name, exist_ok=True)
+    for i in range(per_class):
+      w, h = int(rng.integers(30, 70)), int(rng.integers(30, 70))
+      pixels = np.clip(np.array(colour) + rng.normal(0, 20, (h, w, 3)), 0, 255).astype(np.uint8)
+      path = f'{name}/img{i}.' + ('png' if i % 2 else 'jpg')
+      Image.fromarray(pixels).save(root / path)
+      records.append({'image': path, 'captions': [f'a {name} picture', f'something {name}']})
+  if corrupt:
+    (root / 'red' / 'broken.jpg').write_bytes(b'not an image at all')
+    records.append({'image': 'red/broken.jpg', 'captions': ['a broken red picture']})
+  if captions:
+    with open(root / 'captions.jsonl', 'w') as f:
+      for r in records:
+        f.write(json.dumps(r) + '\n')
+  return records
+
+
+def test_image_folder_classes_labels_and_corrupt_files(tmp_path):
+  make_folder(tmp_path, captions=False)
+  data = ds.image_folder(str(tmp_path), 32)
+  assert data.classnames == ['deep blue', 'green', 'red']        # sorted folder names, '_' -> ' '
+  assert data.num_examples == 13 and data.captions is None
+  mesh = make_mesh()
+  batches = list(data.batches(8, mesh))
+  rows = {int(i): int(l) for b in batches for i, l, m in zip(b['index'], b['label'], b['mask'])
+          if m}
+  assert len(rows) == 12                                          # the corrupt file is masked
+  assert len(data.skipped) == 1 and 'broken.jpg' in data.skipped[0]
+  assert sorted(set(rows.values())) == [0, 1, 2]
+  image = next(b['image'][0] for b in batches)
+  assert image.shape == (32, 32, 3) and image.dtype == np.float32
+  with pytest.raises(FileNotFoundError, match='not a directory'):
+    ds.image_folder(str(tmp_path / 'missing'), 32)
+
+
+def test_captions_jsonl_and_its_errors(tmp_path):
+  make_folder(tmp_path, corrupt=False)
+  data = ds.open_dataset(f'folder:{tmp_path}', image_size=32)
+  assert data.num_examples == 12 and data.captions[0] == ['a red picture', 'something red']
+  (tmp_path / 'captions.jsonl').write_text('{"image": "red/img0.jpg"}\n')
+  with pytest.raises(ValueError, match=r'captions.jsonl:1: expected a JSON object'):
+    ds.image_folder(str(tmp_path), 32)
+  (tmp_path / 'captions.jsonl').write_text('{"image": "nope.jpg", "captions": ["x"]}\n')
+  with pytest.raises(ValueError, match=r"captions.jsonl:1: image 'nope.jpg' is not an image"):
+    ds.image_folder(str(tmp_path), 32)
+  with pytest.raises(ValueError, match='expected builtin, folder:PATH'):
+    ds.open_dataset('ftp:somewhere', image_size=32)
+
+
+@pytest.mark.torch
+def test_preprocessing_matches_open_clip_eval_transform(tmp_path):
+  """Bicubic resize of the shorter side + centre crop + CLIP mean/std, as open_clip."""
+  from open_clip.transform import image_transform
+  transform = image_transform(48, is_train=False)
+  rng = np.random.default_rng(0)
+  for w, h in ((97, 61), (40, 90), (48, 48), (200, 201)):
+    pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    path = tmp_path / f'{w}x{h}.png'
+    Image.fromarray(pixels).save(path)
+    ours = ds.load_image(str(path), 48)
+    with Image.open(path) as image:
+      theirs = transform(image).numpy().transpose(1, 2, 0)
+    np.testing.assert_allclose(ours, theirs, atol=1e-5)
+
+
+def _hash_tokenizer(texts):
+  out = np.zeros((len(texts), 16), np.int32)
+  for row, text in enumerate(texts):
+    ids = [2] + [4 + sum(map(ord, w)) % 500 for w in text.split()][:14] + [3]
+    out[row, :len(ids)] = ids
+  return out
+
+
+_hash_tokenizer.context_length = 16
+
+
+def test_run_evaluations_end_to_end(tmp_path, capsys):
+  make_folder(tmp_path / 'pics')
+  model = clip_jax.load('tiny', seed=0)
+  mesh = make_mesh()
+  variables = jax.device_put(model.variables, replicated(mesh))
+  cfg = get_config('tiny').eval
+  cfg.update(zeroshot=f'builtin,folder:{tmp_path / "pics"}', retrieval='builtin',
+             linear_probe=f'folder:{tmp_path / "pics"}', train_split='test', batch_size=16,
+             max_examples=40)
+  workdir = str(tmp_path / 'run')
+  results = run_evaluations(cfg, model.module, variables, mesh, _hash_tokenizer, workdir, step=7)
+  for key in ('zeroshot/builtin_test/top1', 'zeroshot/builtin_test/top5',
+              'zeroshot/builtin_test/mean_per_class', 'zeroshot/pics/top1',
+              'retrieval/builtin_test/image_to_text_R@10', 'retrieval/builtin_test/text_to_image_R@1',
+              'linear_probe/pics/accuracy', 'linear_probe/pics/C'):
+    assert key in results, key
+  assert results['zeroshot/builtin_test/num_examples'] == 40
+  assert results['zeroshot/pics/num_examples'] == 12           # 13 files, one unreadable
+  assert all(0 <= v <= 100 for k, v in results.items() if k.endswith(('top1', 'R@1')))
+  assert results['linear_probe/pics/accuracy'] == 100.0         # three flat colours
+  saved = json.loads((tmp_path / 'run' / 'eval_results.json').read_text())
+  assert saved['step'] == 7 and saved['metrics'] == pytest.approx(results)
+  history = (tmp_path / 'run' / 'eval_results.jsonl').read_text().splitlines()
+  assert len(history) == 1
+  printed = capsys.readouterr().out
+  assert '| zeroshot | builtin_test | top1 |' in printed and 'eval_results.json' in printed
+  # The classifier cache under the workdir is reused on the next evaluation.
+  assert len(list((tmp_path / 'run' / 'eval_cache').glob('zeroshot_*.npy'))) == 2
+  assert markdown_table({'a/b/C': 0.001}).endswith('| a | b | C | 0.001 |')
