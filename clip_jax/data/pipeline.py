@@ -1,0 +1,412 @@
+"""tf.data streams of CLIP batches: the endless, resumable train stream and the eval stream.
+
+Train stream, per host (exact resume by design):
+  1. This host's files are `files[process_index::process_count]`. Each epoch permutes
+     them with numpy's generator seeded by (seed, epoch) and cuts the permutation into
+     *groups* of `cycle_length` files.
+  2. A group's files are read interleaved (one record from each in turn) and shuffled
+     with a buffer whose seed is a function of (seed, epoch, group). Groups follow one
+     another (the next one is opened and its buffer filled in the background).
+  3. Every raw record is tagged with its position (epoch, group, offset in the group's
+     shuffled order) and a running raw count; its random crop and caption choice use
+     stateless seeds derived from the position.
+  4. Decode + crop + normalise run in parallel (order kept); records that fail to parse
+     or decode, and samples with no caption (or no label when labels are asked for),
+     are dropped. Skipped = raw records read - samples emitted, exactly.
+  5. Batch (per-host size), tokenise the captions (numpy tokenizer via
+     `tf.numpy_function`, one call per batch), prefetch.
+The iterator's state is the position after the last sample of the last batch returned
+(`{epoch, group, offset, raw_seen, emitted}`, plus a fingerprint of what defines the
+order). Restoring rebuilds the stream at (epoch, group) and skips `offset` raw records
+of that group before decoding: the next batches are exactly those an uninterrupted
+stream would have produced, at the cost of re-reading at most one group of files.
+
+Eval stream: every host reads the files in order and keeps every `process_count`-th
+record (TFDS: an even split), so hosts differ by at most one example; the shorter
+side is resized and centre-cropped, nothing is shuffled, and each host's stream is
+padded with masked examples to the same number of batches (`mask` False on padding).
+Corrupt eval images are dropped and counted (their slot becomes padding).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from typing import Any, Callable, Iterator, Mapping
+
+import numpy as np
+import tensorflow as tf
+
+from clip_jax.data import preprocess
+from clip_jax.data.sources import Source, host_files
+from clip_jax.data.tokenizers import Tokenizer, get_tokenizer
+
+logger = logging.getLogger(__name__)
+
+# The accelerator belongs to JAX; tf.data only needs the CPU.
+try:
+  tf.config.set_visible_devices([], 'GPU')
+except (RuntimeError, ValueError):   # already initialised, or no GPU support at all
+  pass
+
+AUTOTUNE = tf.data.AUTOTUNE
+STATE_VERSION = 1
+_POSITION_KEYS = ('_epoch', '_group', '_offset', '_raw_index')
+# Samples the next group fills its shuffle buffer with while the current one is read.
+_GROUP_READAHEAD = 1
+
+
+def initial_state() -> dict[str, int]:
+  """The position of a stream that has not started."""
+  return dict(epoch=0, group=0, offset=0, raw_seen=0, emitted=0)
+
+
+def _file_groups(num_files: int, seed: int, cycle_length: int, start_epoch: int,
+                 start_group: int, start_offset: int) -> Iterator[tuple]:
+  """(epoch, group, file indices, shuffle seed, crop key, raw records to skip), forever."""
+  epoch, first_group, skip = start_epoch, start_group, start_offset
+  while True:
+    order = np.random.default_rng([seed, epoch]).permutation(num_files)
+    groups = [order[i:i + cycle_length] for i in range(0, num_files, cycle_length)]
+    for group in range(first_group, len(groups)):
+      keys = np.random.default_rng([seed, epoch, group]).integers(0, 2**62, size=3)
+      yield (np.int64(epoch), np.int64(group), groups[group].astype(np.int64), keys[0],
+             keys[1:], np.int64(skip))
+      skip = 0
+    epoch, first_group = epoch + 1, 0
+
+
+def _choose_caption(captions: tf.Tensor, seed: tf.Tensor | None) -> tuple[tf.Tensor, tf.Tensor]:
+  """A random non-empty caption (the first one when `seed` is None) and whether there was one."""
+  captions = tf.reshape(captions, [-1])
+  captions = tf.boolean_mask(captions, tf.strings.length(tf.strings.strip(captions)) > 0)
+  count = tf.size(captions)
+  if seed is None:
+    index = tf.constant(0)
+  else:
+    index = tf.random.stateless_uniform([], seed, 0, tf.maximum(count, 1), tf.int32)
+  padded = tf.concat([captions, tf.constant([''])], axis=0)
+  return tf.gather(padded, index), count > 0
+
+
+def _tokenize_batch(batch: dict[str, tf.Tensor], tokenizer: Tokenizer,
+                    batch_size: int) -> dict[str, tf.Tensor]:
+  batch = dict(batch)
+  text = tf.numpy_function(lambda captions: tokenizer(captions), [batch.pop('caption')],
+                           tf.int32, stateful=False)
+  text.set_shape([batch_size, tokenizer.context_length])
+  batch['text'] = text
+  return batch
+
+
+def _options() -> tf.data.Options:
+  options = tf.data.Options()
+  options.deterministic = True
+  options.experimental_optimization.map_parallelization = True
+  return options
+
+
+def _fingerprint(source: Source, files: list[str], seed: int, process_index: int,
+                 process_count: int, shuffle_buffer: int, cycle_length: int) -> str:
+  """What defines the order of a host's raw records; a restored state must match it."""
+  described = json.dumps(dict(kind=source.kind, files=files, tfds=[source.tfds_name,
+                                                                    source.tfds_split],
+                              seed=seed, process=[process_index, process_count],
+                              shuffle_buffer=shuffle_buffer, cycle_length=cycle_length))
+  return hashlib.sha256(described.encode()).hexdigest()[:16]
+
+
+def train_dataset(source: Source, *, batch_size: int, image_size: int, tokenizer: Tokenizer,
+                  seed: int = 0, process_index: int = 0, process_count: int = 1,
+                  state: Mapping[str, int] | None = None, crop: str = 'square',
+                  crop_scale: tuple[float, float] = (0.9, 1.0),
+                  crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
+                  resize_method: str = 'bicubic', shuffle_buffer: int = 10_000,
+                  cycle_length: int = 16, num_parallel_calls: int = -1,
+                  prefetch: int = 2) -> tf.data.Dataset:
+  """The endless train stream of one host, from `state` (see the module docstring).
+
+  Batches are dicts of `image` float32 [B, S, S, 3], `text` int32 [B, context], `label`
+  int32 [B] when `source.label_key` is set, and position columns `_epoch`, `_group`,
+  `_offset`, `_raw_index` (int64 [B]) that TrainIterator turns into its state.
+  """
+  state = dict(initial_state(), **(state or {}))
+  parallel = AUTOTUNE if num_parallel_calls < 0 else num_parallel_calls
+  with_label = bool(source.label_key)
+  if source.kind == 'tfds':
+    host_split, _ = source.tfds_dataset(process_index, process_count)
+    num_files = 1
+    read_group = lambda file_indices: host_split  # noqa: E731  (one "file": the host's split)
+  else:
+    files = host_files(source.files(), process_index, process_count, f'{source.name}.pattern')
+    num_files = len(files)
+    file_names = tf.constant(files)
+
+    def read_group(file_indices: tf.Tensor) -> tf.data.Dataset:
+      names = tf.data.Dataset.from_tensor_slices(tf.gather(file_names, file_indices))
+      return names.interleave(source.read_file, cycle_length=cycle_length, block_length=1,
+                              num_parallel_calls=min(cycle_length, 16), deterministic=True)
+
+  groups = tf.data.Dataset.from_generator(
+      lambda: _file_groups(num_files, seed, cycle_length, state['epoch'], state['group'],
+                           state['offset']),
+      output_signature=(tf.TensorSpec([], tf.int64), tf.TensorSpec([], tf.int64),
+                        tf.TensorSpec([None], tf.int64), tf.TensorSpec([], tf.int64),
+                        tf.TensorSpec([2], tf.int64), tf.TensorSpec([], tf.int64)))
+
+  def group_stream(epoch, group, file_indices, shuffle_seed, crop_key, skip):
+    records = read_group(file_indices)
+    if shuffle_buffer > 1:
+      records = records.shuffle(shuffle_buffer, seed=shuffle_seed)
+    return records.enumerate().skip(skip).map(
+        lambda offset, raw: dict(raw=raw, _epoch=epoch, _group=group, _offset=offset,
+                                 _key=crop_key))
+
+  raw = groups.interleave(group_stream, cycle_length=1, block_length=1,
+                          num_parallel_calls=_GROUP_READAHEAD, deterministic=True)
+  raw = raw.enumerate(start=state['raw_seen']).map(lambda index, x: dict(x, _raw_index=index))
+
+  def decode(element: dict[str, Any]) -> dict[str, tf.Tensor]:
+    sample = source.parse(element.pop('raw'))
+    key = tf.random.experimental.stateless_fold_in(element.pop('_key'), element['_offset'])
+    crop_seed, caption_seed = tf.unstack(tf.random.experimental.stateless_split(key, 2))
+    caption, has_caption = _choose_caption(sample['captions'], caption_seed)
+    image = preprocess.decode_random_crop(sample['image'], crop_seed, image_size, crop=crop,
+                                          scale=crop_scale, ratio=crop_ratio, method=resize_method)
+    out = dict(element, image=preprocess.normalize(image), caption=caption, _valid=has_caption)
+    if with_label:
+      out['label'] = tf.cast(sample['label'], tf.int32)
+      out['_valid'] = has_caption & (sample['label'] >= 0)
+    return out
+
+  samples = raw.map(decode, num_parallel_calls=parallel, deterministic=True).ignore_errors()
+  samples = samples.filter(lambda s: s['_valid']).map(
+      lambda s: {k: v for k, v in s.items() if k != '_valid'})
+  batches = samples.batch(batch_size, drop_remainder=True)
+  batches = batches.map(lambda b: _tokenize_batch(b, tokenizer, batch_size),
+                        num_parallel_calls=parallel, deterministic=True)
+  return batches.prefetch(prefetch).with_options(_options())
+
+
+class TrainIterator:
+  """Numpy batches of the train stream with an exact, JSON-serialisable position.
+
+  `state_dict()` after a batch, passed to `restore()` (or to `make_train_iterator(...,
+  state=)`), continues with exactly the batch that would have come next.
+  `num_skipped` counts the samples dropped so far (corrupt, no caption, ...).
+  """
+
+  def __init__(self, build: Callable[[Mapping[str, int]], tf.data.Dataset], fingerprint: str,
+               state: Mapping[str, Any] | None = None):
+    self._build = build
+    self._fingerprint = fingerprint
+    self._iterator: Iterator[dict[str, np.ndarray]] | None = None
+    self.restore(state or initial_state())
+
+  def restore(self, state: Mapping[str, Any]) -> None:
+    """Continues from `state` (from `state_dict()` of an iterator over the same data)."""
+    saved = state.get('fingerprint', self._fingerprint)
+    if saved != self._fingerprint:
+      raise ValueError('data iterator state: it was saved for another file list, seed, host '
+                       'layout, shuffle_buffer or cycle_length (fingerprint '
+                       f'{saved} != {self._fingerprint}); resume with the same config.data, '
+                       'config.seed and number of hosts')
+    self._position = {k: int(state.get(k, 0)) for k in initial_state()}
+    self._iterator = None   # built lazily: restoring twice costs nothing
+
+  def __iter__(self) -> 'TrainIterator':
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    if self._iterator is None:
+      self._iterator = self._build(self._position).as_numpy_iterator()
+    batch = next(self._iterator)
+    last = {k: int(batch[k][-1]) for k in _POSITION_KEYS}
+    self._position = dict(epoch=last['_epoch'], group=last['_group'], offset=last['_offset'] + 1,
+                          raw_seen=last['_raw_index'] + 1,
+                          emitted=self._position['emitted'] + len(batch['_epoch']))
+    return {k: v for k, v in batch.items() if not k.startswith('_')}
+
+  @property
+  def num_skipped(self) -> int:
+    """Raw records read so far that did not become a sample."""
+    return self._position['raw_seen'] - self._position['emitted']
+
+  def state_dict(self) -> dict[str, Any]:
+    return dict(self._position, version=STATE_VERSION, fingerprint=self._fingerprint)
+
+
+def _check_readable(source: Source, process_index: int, process_count: int) -> None:
+  """Fails with the source's name if this host's data holds no decodable sample at all
+  (an endless stream would otherwise wait forever)."""
+  if source.kind == 'tfds':
+    samples, _ = source.tfds_dataset(process_index, process_count)
+    where = f'TFDS {source.tfds_name}:{source.tfds_split}'
+  else:
+    files = host_files(source.files(), process_index, process_count, f'{source.name}.pattern')
+    samples = tf.data.Dataset.from_tensor_slices(files).interleave(
+        source.read_file, cycle_length=1).map(source.parse)
+    where = f'{len(files)} file(s) of host {process_index} ({", ".join(files[:3])}' + (
+        ', ...)' if len(files) > 3 else ')')
+
+  def usable(sample: dict[str, tf.Tensor]) -> tf.Tensor:
+    # The pixels are used so that the decode is not pruned from the graph.
+    pixels = preprocess.decode_center_crop(sample['image'], 8, 'bilinear')
+    ok = _choose_caption(sample['captions'], None)[1] & tf.reduce_all(tf.math.is_finite(pixels))
+    return ok & (sample['label'] >= 0) if source.label_key else ok
+
+  if not list(samples.ignore_errors().map(usable).ignore_errors().filter(
+      lambda ok: ok).take(1).as_numpy_iterator()):
+    raise ValueError(f'{source.name}: no readable sample (decodable image with a caption'
+                     f'{" and a label" if source.label_key else ""}) in {where}')
+
+
+def _data_options(data: Mapping[str, Any]) -> dict[str, Any]:
+  """config.data keys -> train_dataset keyword arguments (with the key names in errors)."""
+  if data['crop'] not in ('square', 'random_resized'):
+    raise ValueError(f'config.data.crop: {data["crop"]!r}; expected square or random_resized')
+  if data['resize_method'] not in preprocess.RESIZE_METHODS:
+    raise ValueError(f'config.data.resize_method: {data["resize_method"]!r}; expected one of '
+                     f'{", ".join(preprocess.RESIZE_METHODS)}')
+  return dict(crop=data['crop'], crop_scale=tuple(data['crop_scale']),
+              crop_ratio=tuple(data['crop_ratio']), resize_method=data['resize_method'],
+              shuffle_buffer=int(data['shuffle_buffer']), cycle_length=int(data['cycle_length']),
+              num_parallel_calls=int(data['num_parallel_calls']), prefetch=int(data['prefetch']))
+
+
+def _processes(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=import-outside-toplevel
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  return int(process_index), int(process_count)
+
+
+def make_train_iterator(config: Any, tokenizer: Tokenizer | None = None, *,
+                        process_index: int | None = None, process_count: int | None = None,
+                        state: Mapping[str, Any] | None = None) -> TrainIterator:
+  """This host's train iterator from the experiment config (config.data, config.seed,
+  config.batch_size = global batch, config.model.vision.image_size).
+
+  `process_index` / `process_count` default to jax's; tests pass them to act as hosts.
+  """
+  process_index, process_count = _processes(process_index, process_count)
+  if config.batch_size % process_count:
+    raise ValueError(f'config.batch_size: {config.batch_size} is not divisible by the '
+                     f'{process_count} hosts')
+  source = Source.from_config(config.data.train, 'config.data.train')
+  tokenizer = tokenizer or get_tokenizer(config.data.tokenizer)
+  options = _data_options(config.data)
+  files = [] if source.kind == 'tfds' else host_files(
+      source.files(), process_index, process_count, 'config.data.train.pattern')
+  _check_readable(source, process_index, process_count)
+  fingerprint = _fingerprint(source, files, int(config.seed), process_index, process_count,
+                             options['shuffle_buffer'], options['cycle_length'])
+  build = lambda position: train_dataset(  # noqa: E731
+      source, batch_size=config.batch_size // process_count,
+      image_size=int(config.model.vision.image_size), tokenizer=tokenizer,
+      seed=int(config.seed), process_index=process_index, process_count=process_count,
+      state=position, **options)
+  return TrainIterator(build, fingerprint, state)
+
+
+def _count_records(source: Source, files: list[str]) -> int:
+  records = tf.data.Dataset.from_tensor_slices(files).interleave(
+      source.read_file, cycle_length=min(len(files), 8), num_parallel_calls=AUTOTUNE,
+      deterministic=True)
+  return int(records.reduce(np.int64(0), lambda count, _: count + 1))
+
+
+def eval_dataset(source: Source, *, batch_size: int, image_size: int,
+                 tokenizer: Tokenizer | None = None, process_index: int = 0,
+                 process_count: int = 1, num_examples: int | None = None,
+                 resize_method: str = 'bicubic', num_parallel_calls: int = -1,
+                 prefetch: int = 2) -> tuple[tf.data.Dataset, int, int]:
+  """(dataset, number of batches (the same on every host), examples of this host).
+
+  Batches: `image`, `mask` (bool, False on padding), `label` when `source.label_key`
+  is set, `text` (the first caption, tokenised) when a tokenizer is given.
+  `num_examples` (all hosts together) saves a counting pass over TFRecord/tar files.
+  """
+  parallel = AUTOTUNE if num_parallel_calls < 0 else num_parallel_calls
+  if source.kind == 'tfds':
+    samples, host_count = source.tfds_dataset(process_index, process_count)
+    total = int(source.tfds_builder().info.splits[source.tfds_split].num_examples)
+  else:
+    files = source.files()
+    total = _count_records(source, files) if num_examples is None else int(num_examples)
+    records = tf.data.Dataset.from_tensor_slices(files).interleave(
+        source.read_file, cycle_length=1)
+    samples = records.shard(process_count, process_index).map(source.parse)
+    host_count = len(range(process_index, total, process_count))
+  num_batches = math.ceil(math.ceil(total / process_count) / batch_size)
+  if num_batches == 0:
+    raise ValueError(f'{source.name}: no example to evaluate')
+
+  def decode(sample: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    image = preprocess.decode_center_crop(sample['image'], image_size, resize_method)
+    caption, _ = _choose_caption(sample['captions'], None)
+    return dict(image=preprocess.normalize(image), caption=caption,
+                label=tf.cast(sample['label'], tf.int32), mask=tf.constant(True))
+
+  examples = samples.map(decode, num_parallel_calls=parallel, deterministic=True).ignore_errors()
+  padding = tf.data.Dataset.from_tensors(dict(
+      image=tf.zeros([image_size, image_size, 3]), caption=tf.constant(''),
+      label=tf.constant(-1, tf.int32), mask=tf.constant(False))).repeat(num_batches * batch_size)
+  batches = examples.concatenate(padding).take(num_batches * batch_size).batch(batch_size)
+
+  def finish(batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    if tokenizer is not None:
+      batch = _tokenize_batch(batch, tokenizer, batch_size)
+    batch = {k: v for k, v in batch.items() if k != 'caption'}
+    if not source.label_key:
+      batch.pop('label')
+    return batch
+
+  batches = batches.map(finish, num_parallel_calls=parallel, deterministic=True)
+  return batches.prefetch(prefetch).with_options(_options()), num_batches, host_count
+
+
+class EvalIterator:
+  """The eval batches of one host; `len()` is the same on every host.
+
+  `num_skipped` (after the last batch) counts this host's examples that could not be
+  decoded; their places are padding.
+  """
+
+  def __init__(self, dataset: tf.data.Dataset, num_batches: int, host_count: int):
+    self._dataset = dataset
+    self.num_batches = num_batches
+    self.host_count = host_count
+    self._real = 0
+
+  def __len__(self) -> int:
+    return self.num_batches
+
+  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+    self._real = 0
+    for batch in self._dataset.as_numpy_iterator():
+      self._real += int(batch['mask'].sum())
+      yield batch
+
+  @property
+  def num_skipped(self) -> int:
+    return self.host_count - self._real
+
+
+def make_eval_iterator(source: Source | Mapping[str, Any], *, batch_size: int, image_size: int,
+                       tokenizer: Tokenizer | None = None, process_index: int | None = None,
+                       process_count: int | None = None, num_examples: int | None = None,
+                       resize_method: str = 'bicubic') -> EvalIterator:
+  """Eval batches of this host (`batch_size` per host) from a Source or a config section
+  with the keys of config.data.train."""
+  if not isinstance(source, Source):
+    source = Source.from_config(source, 'eval source')
+  process_index, process_count = _processes(process_index, process_count)
+  dataset, num_batches, host_count = eval_dataset(
+      source, batch_size=batch_size, image_size=image_size, tokenizer=tokenizer,
+      process_index=process_index, process_count=process_count, num_examples=num_examples,
+      resize_method=resize_method)
+  return EvalIterator(dataset, num_batches, host_count)

@@ -1,0 +1,306 @@
+"""Where image-text pairs come from: TFRecord shards, img2dataset .tar shards, TFDS.
+
+Every source yields *raw* elements that `Source.parse` turns into one sample
+`{'image': encoded bytes (tf.string), 'captions': tf.string [K], 'label': tf.int64}`
+(label -1 when there is none). Parsing happens after the raw elements are counted,
+so a record that fails to parse is skipped *and counted* like a corrupt image.
+
+TFRecord features (`tf.train.Example`, written by `clip_jax.data.shards`):
+  image    bytes          the encoded image (JPEG, PNG, GIF, BMP or WebP)
+  caption  bytes list     one or more captions (training picks one at random)
+  label    int64          optional class index
+  key      bytes          optional sample id (e.g. the source file path)
+Other names (e.g. img2dataset's `jpg` / `txt`) are set with `image_key` / `caption_key`.
+
+Webdataset `.tar` shards (img2dataset layout): members `KEY.jpg|jpeg|png|webp`,
+`KEY.txt` (the caption), `KEY.json`, optionally `KEY.cls` (a label); the members of one
+sample are adjacent. Tar files are parsed with Python's `tarfile` over `tf.io.gfile`
+inside the tf.data graph (`from_generator`), so `gs://` paths work.
+
+TFDS: a dataset already prepared under `data_dir` (nothing is downloaded).
+
+Paths are local or anything tf.io.gfile reads (`gs://`). A pattern is a comma-separated
+list of globs and `{00000..00099}` ranges (webdataset's brace notation).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import os
+import re
+import tarfile
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+import tensorflow as tf
+
+logger = logging.getLogger(__name__)
+
+SOURCE_KINDS = ('tfrecord', 'wds', 'tfds')
+# Per source kind, what an empty image_key / caption_key means.
+DEFAULT_IMAGE_KEY = {'tfrecord': 'image', 'wds': 'jpg,jpeg,png,webp', 'tfds': 'image'}
+DEFAULT_CAPTION_KEY = {'tfrecord': 'caption', 'wds': 'txt', 'tfds': ''}
+_RANGE = re.compile(r'\{(\d+)\.\.(\d+)\}')
+
+
+def _split_top_level_commas(pattern: str) -> list[str]:
+  parts, depth, current = [], 0, ''
+  for char in pattern:
+    depth += {'{': 1, '}': -1}.get(char, 0)
+    if char == ',' and depth == 0:
+      parts.append(current)
+      current = ''
+    else:
+      current += char
+  return [p.strip() for p in parts + [current] if p.strip()]
+
+
+def _expand_ranges(pattern: str) -> list[str]:
+  """'a/{00..02}.tar' -> ['a/00.tar', 'a/01.tar', 'a/02.tar'] (zero padding kept)."""
+  match = _RANGE.search(pattern)
+  if not match:
+    return [pattern]
+  first, last = match.group(1), match.group(2)
+  width = len(first) if first.startswith('0') else 0
+  expanded = []
+  for number in range(int(first), int(last) + 1):
+    expanded += _expand_ranges(pattern[:match.start()] + str(number).zfill(width) +
+                               pattern[match.end():])
+  return expanded
+
+
+def expand_pattern(pattern: str | list[str] | tuple[str, ...], name: str = 'pattern') -> list[str]:
+  """Files named by a pattern (or a list of files/patterns), in a stable sorted order.
+
+  Globs are listed with tf.io.gfile; range-expanded and plain names are kept as they are
+  (a missing one is logged and skipped when read).
+  """
+  items = list(pattern) if isinstance(pattern, (list, tuple)) else _split_top_level_commas(pattern)
+  files = []
+  for item in items:
+    for path in _expand_ranges(item):
+      if any(c in path for c in '*?['):
+        files += sorted(tf.io.gfile.glob(path))
+      else:
+        files.append(path)
+  if not files:
+    raise ValueError(f'{name}: no file matches {pattern!r}; expected globs or {{000..099}} '
+                     'ranges, comma-separated, of local or gs:// paths')
+  return sorted(set(files))
+
+
+def host_files(files: list[str], process_index: int, process_count: int,
+               name: str = 'pattern') -> list[str]:
+  """This host's share of the files: every `process_count`-th one from `process_index`."""
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index {process_index} not in [0, {process_count})')
+  if len(files) < process_count:
+    raise ValueError(f'{name}: {len(files)} file(s) cannot be split over {process_count} hosts; '
+                     'write at least one shard per host')
+  return files[process_index::process_count]
+
+
+def _wds_members(path: str) -> Iterator[tuple[str, str, bytes]]:
+  """(sample key, extension, data) of each file member of a tar; logs and stops at damage."""
+  try:
+    with tf.io.gfile.GFile(path, 'rb') as stream, tarfile.open(fileobj=stream, mode='r|*') as tar:
+      for member in tar:
+        if not member.isfile():
+          continue
+        folder, base = os.path.split(member.name)
+        if '.' not in base or base.startswith('.'):
+          continue
+        stem, extension = base.split('.', 1)
+        data = tar.extractfile(member).read()
+        yield os.path.join(folder, stem), extension.lower(), data
+  except (tarfile.TarError, OSError, EOFError, tf.errors.OpError) as error:
+    logger.warning('skipping the rest of unreadable shard %s: %s', path, error)
+
+
+def wds_samples(path: str, image_extensions: tuple[str, ...], caption_extension: str,
+                label_extension: str = '') -> Iterator[tuple[bytes, np.ndarray, int]]:
+  """(image bytes, captions, label) per sample of an img2dataset tar shard.
+
+  A sample without an image or a caption yields an empty value (skipped and counted
+  downstream), so every sample the shard holds is seen by the skip counter.
+  """
+  def finish(parts: dict[str, bytes]):
+    image = next((parts[e] for e in image_extensions if e in parts), b'')
+    caption = parts.get(caption_extension, b'')
+    label = -1
+    if label_extension and label_extension in parts:
+      try:
+        label = int(parts[label_extension].decode('utf-8').strip())
+      except ValueError:
+        label = -1
+    return image, np.array([caption], dtype=object), label
+
+  if isinstance(path, bytes):
+    path = path.decode('utf-8')
+  wanted = set(image_extensions) | {caption_extension, label_extension}
+  key, parts = None, {}
+  for sample_key, extension, data in _wds_members(path):
+    if sample_key != key:
+      if parts:
+        yield finish(parts)
+      key, parts = sample_key, {}
+    if extension in wanted:
+      parts[extension] = data
+  if parts:
+    yield finish(parts)
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """One dataset: its kind, where it is, and the names of its fields.
+
+  Empty `image_key` / `caption_key` take the kind's defaults (DEFAULT_IMAGE_KEY,
+  DEFAULT_CAPTION_KEY). For wds they are file extensions (the image key lists the
+  accepted ones in order of preference); for tfds, feature paths ('/' nests, e.g.
+  'captions/text'). `label_key` '' means no label. `caption_template` (e.g.
+  'a photo of a {}.') makes captions from class names when a TFDS set has none.
+  """
+  kind: str = 'tfrecord'
+  pattern: str = ''
+  tfds_name: str = ''
+  tfds_split: str = 'train'
+  data_dir: str = ''
+  image_key: str = ''
+  caption_key: str = ''
+  label_key: str = ''
+  caption_template: str = ''
+  name: str = 'source'       # how errors name it, e.g. 'config.data.train'
+
+  def __post_init__(self):
+    if self.kind not in SOURCE_KINDS:
+      raise ValueError(f'{self.name}.source: unknown {self.kind!r}; expected one of '
+                       f'{", ".join(SOURCE_KINDS)}')
+    if self.kind == 'tfds' and not self.tfds_name:
+      raise ValueError(f'{self.name}.tfds_name: empty; source "tfds" needs a dataset name')
+    if self.kind != 'tfds' and not self.pattern:
+      raise ValueError(f'{self.name}.pattern: empty; source {self.kind!r} needs files '
+                       '(globs or {00000..00099} ranges)')
+    if self.caption_template and '{}' not in self.caption_template:
+      raise ValueError(f'{self.name}.caption_template: {self.caption_template!r} has no "{{}}" '
+                       'for the class name')
+
+  @classmethod
+  def from_config(cls, section: Mapping[str, Any], name: str = 'config.data.train') -> 'Source':
+    fields = {f.name for f in dataclasses.fields(cls)} - {'kind', 'name'}
+    values = {k: section[k] for k in fields if k in section}
+    return cls(kind=section['source'], name=name, **values)
+
+  @property
+  def images(self) -> str:
+    return self.image_key or DEFAULT_IMAGE_KEY[self.kind]
+
+  @property
+  def captions(self) -> str:
+    return self.caption_key or DEFAULT_CAPTION_KEY[self.kind]
+
+  def files(self) -> list[str]:
+    return expand_pattern(self.pattern, f'{self.name}.pattern')
+
+  def read_file(self, path: tf.Tensor) -> tf.data.Dataset:
+    """Raw elements of one file; read errors end that file (logged), never the stream."""
+    if self.kind == 'tfrecord':
+      records = tf.data.TFRecordDataset(path, buffer_size=1 << 20)
+    else:
+      extensions = tuple(e.strip().lower() for e in self.images.split(',') if e.strip())
+      records = tf.data.Dataset.from_generator(
+          lambda p: wds_samples(p, extensions, self.captions.lower(), self.label_key.lower()),
+          args=(path,), output_signature=(tf.TensorSpec([], tf.string),
+                                          tf.TensorSpec([None], tf.string),
+                                          tf.TensorSpec([], tf.int64)))
+    return records.ignore_errors(log_warning=True)
+
+  def parse(self, raw: Any) -> dict[str, tf.Tensor]:
+    """A raw element -> {'image', 'captions' [K], 'label'}; bad records raise (and are skipped)."""
+    if self.kind == 'tfrecord':
+      features = {self.images: tf.io.FixedLenFeature([], tf.string, default_value=''),
+                  self.captions: tf.io.VarLenFeature(tf.string)}
+      if self.label_key:
+        features[self.label_key] = tf.io.FixedLenFeature([], tf.int64, default_value=-1)
+      parsed = tf.io.parse_single_example(raw, features)
+      label = parsed[self.label_key] if self.label_key else tf.constant(-1, tf.int64)
+      return {'image': parsed[self.images],
+              'captions': tf.sparse.to_dense(parsed[self.captions], default_value=''),
+              'label': label}
+    if self.kind == 'wds':
+      image, captions, label = raw
+      return {'image': image, 'captions': captions, 'label': label}
+    return raw   # tfds: already parsed by tfds_dataset
+
+  def tfds_builder(self):
+    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+    try:
+      builder = tfds.builder(self.tfds_name, data_dir=self.data_dir or None)
+    except Exception as error:  # pylint: disable=broad-except  (tfds raises many kinds)
+      raise ValueError(f'{self.name}.tfds_name: cannot load TFDS dataset {self.tfds_name!r} '
+                       f'from data_dir {self.data_dir!r}: {error}') from error
+    if not tf.io.gfile.exists(os.path.join(builder.data_dir, 'dataset_info.json')):
+      raise ValueError(f'{self.name}.tfds_name: {self.tfds_name!r} is not prepared under '
+                       f'{self.name}.data_dir={self.data_dir!r} (found nothing at '
+                       f'{builder.data_dir}); nothing is downloaded: prepare it first')
+    return builder
+
+  def tfds_dataset(self, process_index: int, process_count: int) -> tuple[tf.data.Dataset, int]:
+    """This host's even share of the TFDS split as parsed samples, and its size."""
+    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+    builder = self.tfds_builder()
+    if self.tfds_split not in builder.info.splits:
+      raise ValueError(f'{self.name}.tfds_split: {self.tfds_split!r} not in {self.tfds_name} '
+                       f'(splits: {", ".join(builder.info.splits)})')
+    split = tfds.even_splits(self.tfds_split, n=process_count)[process_index]
+    features = builder.info.features
+    image_key, caption_key = self.images, self.captions
+
+    def feature(tree: Any, path: str) -> Any:
+      for part in path.split('/'):
+        tree = tree[part]
+      return tree
+
+    try:
+      feature(features, image_key)
+    except KeyError:
+      raise ValueError(f'{self.name}.image_key: {image_key!r} is not a feature of '
+                       f'{self.tfds_name} ({", ".join(features.keys())})') from None
+    class_names = None
+    if self.caption_template:
+      class_names = tf.constant(feature(features, self.label_key or 'label').names)
+    template_head, _, template_tail = self.caption_template.partition('{}')
+    decoders: Any = tfds.decode.SkipDecoding()   # keep the image encoded: we decode and crop
+    for part in reversed(image_key.split('/')):
+      decoders = {part: decoders}
+
+    def to_sample(example: dict[str, Any]) -> dict[str, tf.Tensor]:
+      label = (tf.cast(feature(example, self.label_key), tf.int64) if self.label_key
+               else tf.constant(-1, tf.int64))
+      if caption_key:
+        captions = tf.reshape(feature(example, caption_key), [-1])
+      elif class_names is not None:
+        name = tf.gather(class_names, feature(example, self.label_key or 'label'))
+        captions = tf.reshape(tf.strings.join([template_head, name, template_tail]), [1])
+      else:
+        captions = tf.constant([''])
+      return {'image': feature(example, image_key), 'captions': captions, 'label': label}
+
+    dataset = builder.as_dataset(split=split, shuffle_files=False, decoders=decoders,
+                                 read_config=tfds.ReadConfig(shuffle_seed=0,
+                                                             interleave_cycle_length=1))
+    return dataset.map(to_sample), int(builder.info.splits[split].num_examples)
+
+
+def iterate_captions(source: Source, max_count: int = 0) -> Iterator[str]:
+  """The captions of a source, in file order, without decoding images (for tokenizer training)."""
+  if source.kind == 'tfds':
+    samples, _ = source.tfds_dataset(0, 1)
+  else:
+    files = tf.data.Dataset.from_tensor_slices(source.files())
+    samples = files.interleave(source.read_file, cycle_length=1).map(source.parse).ignore_errors()
+  captions = samples.map(lambda s: s['captions']).unbatch()
+  for caption in itertools.islice(captions.as_numpy_iterator(), max_count or None):
+    yield caption.decode('utf-8', errors='replace')
+
