@@ -1,0 +1,122 @@
+"""AdamW masks, multipliers, freezing and the schedule."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from clip_jax import optim
+from clip_jax.config import get_config
+from clip_jax.models.clip import param_shapes
+from clip_jax.models.params import flatten_names
+
+NOT_DECAYED_LEAVES = {'scale', 'bias', 'positional_embedding', 'class_embedding', 'logit_scale'}
+
+
+def _trainable(arch):
+  shapes = param_shapes(get_config(arch).model)
+  return {'params': shapes['params'], 'loss_params': {'bias': jax.ShapeDtypeStruct((), jnp.float32)}}
+
+
+@pytest.mark.parametrize('arch', ['ViT-B/32', 'RN50'])
+def test_decay_mask_is_exactly_gains_biases_pos_class_and_temperature(arch):
+  tree = _trainable(arch)
+  mask = flatten_names(optim.decay_mask(get_config(arch).optim, tree))
+  not_decayed = {n for n, decayed in mask.items() if not decayed}
+  assert not_decayed == {n for n in mask if n.split('/')[-1] in NOT_DECAYED_LEAVES}
+  # Spot checks by name, for the reader.
+  assert 'params/logit_scale' in not_decayed and 'loss_params/bias' in not_decayed
+  if arch == 'RN50':
+    assert mask['params/visual/bn1/scale'] is False
+    assert mask['params/visual/layer1_0/downsample_bn/bias'] is False
+    assert mask['params/visual/attnpool/positional_embedding'] is False
+    assert mask['params/visual/attnpool/q_proj/kernel'] is True
+  else:
+    assert mask['params/visual/class_embedding'] is False
+    assert mask['params/visual/transformer/resblocks_0/attn/qkv/bias'] is False
+    assert mask['params/visual/transformer/resblocks_0/ln_1/scale'] is False
+    assert mask['params/visual/conv1/kernel'] is True
+    assert mask['params/visual/proj'] is True
+  assert mask['params/text/token_embedding'] is True        # decayed, as open_clip
+  assert mask['params/text/text_projection'] is True
+  assert mask['params/text/positional_embedding'] is False
+
+
+def _toy_config():
+  config = get_config('tiny')
+  config.total_steps = 100
+  config.optim.update(learning_rate=0.1, warmup_steps=0, weight_decay=0.5, grad_clip_norm=0.0,
+                      lr_multipliers=((r'^params/text/', 0.5),), freeze=(r'^params/visual/',))
+  return config
+
+
+def _toy_tree():
+  ones = lambda *s: jnp.ones(s, jnp.float32)
+  return {'params': {'visual': {'proj': ones(2, 2)}, 'text': {'text_projection': ones(2, 2)},
+                     'logit_scale': jnp.float32(1.0)},
+          'loss_params': {}}
+
+
+def test_freezing_multipliers_and_decoupled_decay():
+  config = _toy_config()
+  tx = optim.make_optimizer(config)
+  tree = _toy_tree()
+  grads = jax.tree_util.tree_map(jnp.ones_like, tree)
+  state = tx.init(tree)
+  updates, state = jax.jit(tx.update)(grads, state, tree)
+  flat = flatten_names(updates)
+  # Frozen: no update and no Adam moments kept for it.
+  np.testing.assert_array_equal(flat['params/visual/proj'], 0.0)
+  mu_names = [n for n in flatten_names(state) if '/visual/' in n]
+  assert mu_names == [], mu_names
+  # First Adam step is lr * g/|g| = lr; decay adds lr * wd * w; the multiplier scales both.
+  np.testing.assert_allclose(flat['params/text/text_projection'], -0.5 * 0.1 * (1 + 0.5),
+                             rtol=1e-5)
+  np.testing.assert_allclose(flat['params/logit_scale'], -0.1, rtol=1e-5)   # not decayed
+  lines = optim.describe_param_groups(config, tree)
+  row = next(line for line in lines if line.startswith('params/visual/proj'))
+  assert row.split()[-3:] == ['yes', '1', 'yes']
+  row = next(line for line in lines if line.startswith('params/text/text_projection'))
+  assert row.split()[-3:] == ['yes', '0.5', 'no']
+  assert any(line.startswith('parameters: ') and '4 frozen' in line for line in lines)
+
+
+def test_grad_clipping_and_bfloat16_first_moment():
+  config = _toy_config()
+  config.optim.update(freeze=(), lr_multipliers=(), grad_clip_norm=1.0, mu_dtype='bfloat16',
+                      weight_decay=0.0)
+  tx = optim.make_optimizer(config)
+  tree = _toy_tree()
+  grads = jax.tree_util.tree_map(lambda x: 100 * jnp.ones_like(x), tree)
+  state = tx.init(tree)
+  mus = [x for n, x in flatten_names(state).items() if '.mu' in n or '/mu/' in n]
+  assert mus and all(x.dtype == jnp.bfloat16 for x in mus)
+  assert float(optim.trainable_norm(config.optim, grads)) == pytest.approx(300.0)
+  updates, _ = tx.update(grads, state, tree)
+  np.testing.assert_allclose(flatten_names(updates)['params/visual/proj'], -0.1, rtol=1e-2)
+
+
+def test_warmup_cosine_schedule():
+  config = get_config('tiny')
+  config.optim.update(learning_rate=1.0, warmup_steps=10, end_lr_factor=0.1)
+  schedule = optim.learning_rate_schedule(config.optim, total_steps=110)
+  assert float(schedule(0)) == 0.0
+  assert float(schedule(5)) == pytest.approx(0.5)
+  assert float(schedule(10)) == pytest.approx(1.0)
+  assert float(schedule(60)) == pytest.approx(0.55, rel=1e-4)     # half way down the cosine
+  assert float(schedule(110)) == pytest.approx(0.1)
+
+
+def test_bad_optim_config_names_the_key():
+  config = get_config('tiny')
+  config.optim.freeze = ('[unclosed',)
+  with pytest.raises(ValueError, match=r'config\.optim\.freeze'):
+    optim.make_optimizer(config)
+  config = get_config('tiny')
+  config.optim.mu_dtype = 'float8'
+  with pytest.raises(ValueError, match=r'config\.optim\.mu_dtype'):
+    optim.make_optimizer(config)
+  config = get_config('tiny')
+  config.optim.lr_multipliers = (('^params/', 1.0, 2.0),)
+  with pytest.raises(ValueError, match=r'config\.optim\.lr_multipliers'):
+    optim.make_optimizer(config)
