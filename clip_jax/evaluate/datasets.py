@@ -7,8 +7,15 @@ A dataset spec is a string:
                 "captions": [...]} per line makes it a retrieval set
   builtin       the procedurally drawn scenes of `clip_jax.data.builtin` (split `test`:
                 held-out colour/shape pairs, `train` and `test_seen`: seen pairs)
-  tfds:NAME     a TFDS dataset already under `data_dir` (nothing is downloaded)
-  shards:GLOB   TFRecord shards written by `clip_jax.data.write_tfrecord_shards`
+  tfds:NAME     a TFDS dataset already under `data_dir` (nothing is downloaded); class
+                names from its `label` feature
+  shards:GLOB   TFRecord shards written by `clip_jax.data.write_tfrecord_shards`; `{split}`
+                in GLOB is replaced by the split (e.g. shards:/data/pets-{split}-*.tfrecord);
+                class names (label order, one per line) from `classnames.txt` beside them
+
+TFDS and shards are read by the data pipeline's eval iterator (tf.data on each host,
+the host's share of the examples, padded to equal batch counts). Their retrieval uses
+the first caption of each example, which the iterator tokenizes.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ import numpy as np
 from jax.sharding import Mesh
 from PIL import Image
 
-from clip_jax.evaluate.features import host_batches
+from clip_jax.evaluate.features import host_batch_size, host_batches
 
 # OpenAI's CLIP pixel statistics (RGB, on [0, 1]).
 CLIP_MEAN = np.array((0.48145466, 0.4578275, 0.40821073), np.float32)
@@ -31,6 +38,7 @@ IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.
 # The built-in scenes are generated, not stored: how many per split and from which seed.
 BUILTIN_SPLITS = {'train': (False, 1), 'test': (True, 2), 'test_seen': (False, 3)}
 BUILTIN_DEFAULT_SIZE = 600
+CLASSNAMES_FILE = 'classnames.txt'
 
 
 def normalize_pixels(uint8_images: np.ndarray) -> np.ndarray:
@@ -76,6 +84,7 @@ class EvalData:
   classnames: list[str] | None = None
   captions: list[list[str]] | None = None
   templates: tuple[str, ...] | None = None   # the dataset's own prompts, if it has any
+  tokenized_captions: bool = False   # batches carry `text`: one tokenized caption per example
   skipped: list[str] = dataclasses.field(default_factory=list)   # unreadable files
 
 
@@ -198,12 +207,47 @@ def builtin_scenes(split: str, image_size: int, max_examples: int = 0) -> EvalDa
                   templates=tuple(builtin.PROMPT_TEMPLATES))
 
 
+def stream_dataset(source: dict, name: str, image_size: int, max_examples: int = 0,
+                   tokenizer: Callable[[Sequence[str]], np.ndarray] | None = None) -> EvalData:
+  """TFDS or TFRecord shards through `clip_jax.data.make_eval_iterator` (tensorflow).
+
+  `source` holds the keys of config.data.train (source, pattern, tfds_name, ...).
+  `max_examples` is rounded up to whole global batches.
+  """
+  from clip_jax.data import pipeline, sources   # tensorflow stays out until a stream is read
+  source = sources.Source(name=f'dataset {name!r}', **source)
+  classnames = None
+  if source.kind == 'tfds':
+    label = source.tfds_builder().info.features[source.label_key or 'label']
+    classnames = [n.replace('_', ' ') for n in getattr(label, 'names', None) or []] or None
+    total = int(source.tfds_builder().info.splits[source.tfds_split].num_examples)
+  else:
+    total = None
+
+  def batches(batch_size: int, mesh: Mesh) -> Iterator[dict[str, np.ndarray]]:
+    local = host_batch_size(batch_size, mesh)
+    iterator = pipeline.make_eval_iterator(source, batch_size=local, image_size=image_size,
+                                           tokenizer=tokenizer)
+    limit = -(-max_examples // batch_size) if max_examples else len(iterator)
+    for number, batch in enumerate(iterator):
+      if number == limit:
+        break
+      yield batch
+
+  return EvalData(name=name, num_examples=total or 0, batches=batches, classnames=classnames,
+                  tokenized_captions=tokenizer is not None)
+
+
 def open_dataset(spec: str, *, split: str = 'test', image_size: int, data_dir: str | None = None,
-                 max_examples: int = 0) -> EvalData:
-  """The split `split` of the dataset named by `spec` (see the module docstring)."""
+                 max_examples: int = 0,
+                 tokenizer: Callable[[Sequence[str]], np.ndarray] | None = None) -> EvalData:
+  """The split `split` of the dataset named by `spec` (see the module docstring).
+
+  `tokenizer` is used by TFDS and shard datasets, whose pipeline tokenizes captions.
+  """
   kind, _, location = spec.partition(':')
-  if not location and kind not in ('builtin',):
-    kind, location = ('folder', spec) if os.path.isdir(spec) else (kind, location)
+  if not location and kind != 'builtin' and os.path.isdir(spec):
+    kind, location = 'folder', spec
   if kind == 'builtin':
     return builtin_scenes(split, image_size, max_examples)
   if kind == 'folder':
@@ -211,5 +255,20 @@ def open_dataset(spec: str, *, split: str = 'test', image_size: int, data_dir: s
         else location
     return image_folder(folder, image_size, max_examples,
                         name=os.path.basename(os.path.normpath(location)))
+  if kind == 'tfds' and location:
+    return stream_dataset(dict(kind='tfds', tfds_name=location, tfds_split=split,
+                               data_dir=data_dir or '', label_key='label'),
+                          location.split('/')[0].split(':')[0], image_size, max_examples,
+                          tokenizer)
+  if kind == 'shards' and location:
+    pattern = location.replace('{split}', split)
+    name = os.path.basename(os.path.dirname(pattern)) or 'shards'
+    data = stream_dataset(dict(kind='tfrecord', pattern=pattern, label_key='label'), name,
+                          image_size, max_examples, tokenizer)
+    names_file = os.path.join(os.path.dirname(pattern), CLASSNAMES_FILE)
+    if os.path.isfile(names_file):
+      with open(names_file, encoding='utf-8') as f:
+        data.classnames = [line.strip() for line in f if line.strip()]
+    return data
   raise ValueError(f'dataset {spec!r}: expected builtin, folder:PATH (or a directory), '
                    'tfds:NAME or shards:GLOB')

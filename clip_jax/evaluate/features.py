@@ -96,25 +96,25 @@ def array_batches(arrays: Mapping[str, np.ndarray], global_batch_size: int, mesh
 
 
 @functools.lru_cache(maxsize=32)
-def _batch_encoder(encode_fn: EncodeFn, input_key: str, normalize: bool, mesh: Mesh
-                   ) -> Callable[[Any, dict[str, jax.Array]], dict[str, jax.Array]]:
-  """One compiled encoder per (encoder, mesh): periodic evaluations reuse it."""
+def _batch_encoder(encode_fn: EncodeFn, normalize: bool, mesh: Mesh
+                   ) -> Callable[[Any, jax.Array], jax.Array]:
+  """One compiled encoder per (encoder, mesh, input shape): periodic evaluations reuse it."""
 
-  def encode(variables, batch):
-    features = encode_fn(variables, batch[input_key]).astype(jnp.float32)
-    if normalize:
-      features = l2_normalize(features)
-    out = {k: v for k, v in batch.items() if k != input_key}
-    out['features'] = features
-    return out
+  def encode(variables, inputs):
+    features = encode_fn(variables, inputs).astype(jnp.float32)
+    return l2_normalize(features) if normalize else features
 
-  # Replicated outputs: every host reads the whole global batch, in global order.
+  # Replicated output: every host reads the whole global batch, in global order.
   return jax.jit(encode, out_shardings=replicated(mesh))
 
 
-def _to_global(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-  return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)), v)
-          for k, v in batch.items()}
+def _gather_hosts(local: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Host-local rows of all hosts, concatenated in process order (the global batch order)."""
+  if jax.process_count() == 1:
+    return {k: np.asarray(v) for k, v in local.items()}
+  from jax.experimental import multihost_utils   # pylint: disable=import-outside-toplevel
+  return {k: np.asarray(v) for k, v in
+          multihost_utils.process_allgather(dict(local), tiled=True).items()}
 
 
 def extract_features(encode_fn: EncodeFn, variables: Any, batches: Iterable[Mapping[str, np.ndarray]],
@@ -124,17 +124,22 @@ def extract_features(encode_fn: EncodeFn, variables: Any, batches: Iterable[Mapp
 
   `batches` yields this host's equally sized, padded batches with a `mask` (see
   `host_batches`); the result holds the unmasked rows of all hosts in global order,
-  with every other key of the batch (labels, ids) carried along row by row.
+  with every other key of the batch (labels, ids) carried along row by row. Only the
+  input goes through the compiled encoder, so extra keys never cause a recompile.
   """
-  encode = _batch_encoder(encode_fn, input_key, normalize, mesh)
+  encode = _batch_encoder(encode_fn, normalize, mesh)
   chunks: dict[str, list[np.ndarray]] = {}
   for batch in batches:
     batch = dict(batch)
     if 'mask' not in batch:
       raise ValueError(f"extract_features: batches need a boolean 'mask'; got keys {sorted(batch)}")
-    out = encode(variables, _to_global(batch, mesh))
-    out = {k: np.asarray(v.addressable_data(0)) for k, v in out.items()}
+    inputs = np.asarray(batch.pop(input_key))
+    global_inputs = jax.make_array_from_process_local_data(
+        batch_sharding(mesh, inputs.ndim), inputs)
+    features = np.asarray(encode(variables, global_inputs).addressable_data(0))
+    out = _gather_hosts(batch)
     keep = out.pop('mask').astype(bool)
+    out['features'] = features
     for key, value in out.items():
       chunks.setdefault(key, []).append(value[keep])
   if not chunks:

@@ -85,6 +85,13 @@ def evaluate_retrieval(data: EvalData, model: CLIP, variables: Any, mesh: Mesh,
                        ) -> dict[str, float]:
   """Image->text and text->image Recall@1/5/10 over all captions of `data`."""
   _check_tokenizer(model, tokenizer)
+  if data.tokenized_captions:   # a stream: one tokenized caption per example in the batches
+    feats = image_features(data, model, variables, mesh, batch_size)
+    text_feats = encode_arrays(TowerEncoder(model, 'text'), variables, feats['text'], mesh,
+                               batch_size)
+    metrics = retrieval_recall(feats['features'], text_feats, np.arange(len(text_feats)))
+    metrics['num_examples'] = float(len(text_feats))
+    return metrics
   if not data.captions:
     raise ValueError(f'{data.name}: no captions; retrieval needs a dataset with captions '
                      '(e.g. captions.jsonl in an image folder)')
@@ -136,7 +143,7 @@ def run_evaluations(eval_config: ml_collections.ConfigDict, model: CLIP, variabl
   """
   image_size = int(model.visual.image_size)
   batch_size = int(eval_config.batch_size)
-  common = dict(split=eval_config.split, image_size=image_size,
+  common = dict(split=eval_config.split, image_size=image_size, tokenizer=tokenizer,
                 data_dir=eval_config.data_dir or None, max_examples=int(eval_config.max_examples))
   classnames = (read_lines(eval_config.classnames, 'class names')
                 if eval_config.classnames else None)
