@@ -1,6 +1,7 @@
 """`clip_jax.load`: the first thing users reach for.
 
     model = clip_jax.load('ViT-B/32')            # architecture name: random init (seed)
+    model = clip_jax.load('ViT-B-32.pt')         # or a clip_jax workdir, .safetensors, HF dir
     feats = model.encode_image(pixels)           # float32 [N, H, W, 3], CLIP-normalised
     feats = model.encode_text(token_ids)         # int32 [N, context]
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from typing import Any
 
 import jax
@@ -69,14 +71,55 @@ class ClipModel:
     return self._encode_text(self.variables, tokens.astype(jnp.int32))
 
 
-def load(name_or_path: str, *, seed: int = 0, **model_overrides: Any) -> ClipModel:
-  """A ClipModel from an architecture name (random init with `seed`).
+_SHAPE_KEYS = ('name', 'embed_dim', 'vision', 'text')
+
+
+def _with_overrides(cfg: ml_collections.ConfigDict, path: str,
+                    overrides: dict[str, Any]) -> ml_collections.ConfigDict:
+  """The stored model config with option overrides; the weights fix the architecture."""
+  bad = sorted((set(overrides) & set(_SHAPE_KEYS)) | (set(overrides) - set(cfg)))
+  if bad:
+    raise ValueError(f'clip_jax.load({path!r}): cannot override {bad}; the weights fix the '
+                     f'architecture. Options that can be set: '
+                     f'{sorted(set(cfg) - set(_SHAPE_KEYS))}')
+  cfg = ml_collections.ConfigDict(cfg.to_dict())
+  cfg.update(overrides)
+  return cfg
+
+
+def _load_path(path: str, model_overrides: dict[str, Any]) -> ClipModel:
+  """A ClipModel from a clip_jax workdir, a PyTorch weight file or a HF CLIPModel directory."""
+  # Imported lazily: plain name loading needs neither orbax nor the converter.
+  from clip_jax import checkpoint, convert  # pylint: disable=g-import-not-at-top
+  from clip_jax.convert.hf_layout import is_hf_directory  # pylint: disable=g-import-not-at-top
+  from clip_jax.convert.mapping import set_layer_layout  # pylint: disable=g-import-not-at-top
+  if os.path.isdir(path) and not is_hf_directory(path):
+    experiment, variables = checkpoint.load_model(path)
+    cfg = _with_overrides(experiment.model, path, model_overrides)
+  else:
+    imported = convert.load_source(path)
+    cfg = _with_overrides(imported.config, path, model_overrides)
+    variables = imported.variables
+  return ClipModel(cfg, set_layer_layout(variables, bool(cfg.get('scan_layers', False))))
+
+
+def load(name_or_path: str | os.PathLike, *, seed: int = 0, **model_overrides: Any
+         ) -> ClipModel:
+  """A ClipModel from an architecture name (random init with `seed`) or a path.
+
+  A path may be a clip_jax workdir (the latest checkpoint, via
+  `clip_jax.checkpoint.load_model`), an OpenAI/open_clip weight file (`.pt`, `.pth`,
+  `.bin`, `.safetensors`, or OpenAI's TorchScript archives, read without running
+  their code) or a Hugging Face CLIPModel directory; see `clip_jax.convert`. An
+  existing path wins over an architecture name.
 
   `model_overrides` set model options that leave the weights' shapes unchanged,
-  e.g. `dtype='bfloat16'`, `attention_impl='cudnn'`.
+  e.g. `dtype='bfloat16'`, `attention_impl='cudnn'`, `scan_layers=True`.
   """
+  if os.path.exists(os.fspath(name_or_path)):
+    return _load_path(os.fspath(name_or_path), model_overrides)
   try:
-    name = canonical_name(name_or_path)
+    name = canonical_name(os.fspath(name_or_path))
   except ValueError:
     raise ValueError(f'clip_jax.load: {name_or_path!r} is neither a known architecture '
                      f'({", ".join(ARCHITECTURES)}) nor a file or directory that can be '
