@@ -112,6 +112,40 @@ def _data_defaults(model: ml_collections.ConfigDict) -> ml_collections.ConfigDic
   ))
 
 
+def _checkpoint_defaults() -> ml_collections.ConfigDict:
+  # clip_jax.checkpoint.TrainCheckpointer under <workdir>/checkpoints; the trainer resumes
+  # from the latest one on start, and saves on SIGTERM (preemption) before exiting.
+  return ml_collections.ConfigDict(dict(
+      every_steps=1000,         # regular saves (and always at the last step)
+      keep=3,                   # the last K regular checkpoints are kept
+      keep_every=0,             # and every M-th step for good; 0 = none
+      async_save=True,          # write in the background while training goes on
+  ))
+
+
+def _log_defaults() -> ml_collections.ConfigDict:
+  # clip_jax.metrics_writer: console, <workdir>/metrics.jsonl, TensorBoard event files.
+  return ml_collections.ConfigDict(dict(
+      every_steps=50,           # console line + metrics.jsonl + TensorBoard
+      tensorboard=True,         # event files under <workdir>/tensorboard
+      progress_bar=True,        # a live bar between log lines (only when stdout is a TTY)
+      profile_steps=(),         # (first, last): jax.profiler trace of those steps -> <workdir>/profile
+  ))
+
+
+def _builtin_defaults() -> ml_collections.ConfigDict:
+  # clip_jax.data.builtin: drawn scenes written once as TFRecord shards + a SentencePiece
+  # tokenizer; `enabled` makes them the training data (config.data.train is then set).
+  return ml_collections.ConfigDict(dict(
+      enabled=False,
+      num_train=8000,           # training images (each with captions_per_image captions)
+      captions_per_image=3,
+      num_shards=8,
+      seed=0,
+      dir='',                   # '' = <workdir>/builtin_data
+  ))
+
+
 def get_config(arch: str = 'tiny', **model_overrides: Any) -> ml_collections.ConfigDict:
   """The full default config for architecture `arch` (see clip_jax.models.architectures)."""
   config = ml_collections.ConfigDict()
@@ -125,6 +159,9 @@ def get_config(arch: str = 'tiny', **model_overrides: Any) -> ml_collections.Con
   config.train = _train_defaults()
   config.eval = _eval_defaults()
   config.data = _data_defaults(config.model)
+  config.checkpoint = _checkpoint_defaults()
+  config.log = _log_defaults()
+  config.builtin = _builtin_defaults()
   return config
 
 
