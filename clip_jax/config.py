@@ -14,6 +14,9 @@ import ml_collections
 
 from clip_jax.models.architectures import canonical_name, model_config
 from clip_jax.models.clip import validate_model_config
+from clip_jax.losses import LOSSES
+from clip_jax.optim import validate_optim_config
+from clip_jax.sharding import rules_from_config
 
 
 def _mesh_defaults() -> ml_collections.ConfigDict:
@@ -76,7 +79,7 @@ def _eval_defaults() -> ml_collections.ConfigDict:
       classnames='',            # file with one class name per line ('' = the dataset's own)
       data_dir='',              # TFDS data_dir
       max_examples=0,           # per split; 0 = all
-      cache_dir='',             # zero-shot classifier cache; '' = <workdir>/eval_cache
+      cache_dir='',             # zero-shot classifier cache; '' = none (the CLI: <out>/eval_cache)
       probe_val_fraction=0.2,   # share of the train split that chooses C
   ))
 
@@ -199,3 +202,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
                      f'entries but config.mesh.axes names {len(config.mesh.axes)}')
   if config.batch_size <= 0:
     raise ValueError(f'config.batch_size: expected a positive integer, got {config.batch_size}')
+  _validate_training(config)
+
+
+def _validate_training(config: ml_collections.ConfigDict) -> None:
+  """config.loss / optim / train / mesh rules (the train step's sections)."""
+  if config.loss.name not in LOSSES:
+    raise ValueError(f'config.loss.name: unknown loss {config.loss.name!r}; expected one of '
+                     f'{LOSSES}')
+  micro = config.train.micro_batches
+  if not isinstance(micro, int) or micro < 1 or config.batch_size % micro:
+    raise ValueError(f'config.train.micro_batches: expected a positive integer dividing '
+                     f'config.batch_size {config.batch_size}, got {micro}')
+  validate_optim_config(config.optim)
+  rules_from_config(config.mesh)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from clip_jax import optim
-from clip_jax.config import get_config
+from clip_jax.config import get_config, validate
 from clip_jax.models.clip import param_shapes
 from clip_jax.models.params import flatten_names
 
@@ -120,3 +120,16 @@ def test_bad_optim_config_names_the_key():
   config.optim.lr_multipliers = (('^params/', 1.0, 2.0),)
   with pytest.raises(ValueError, match=r'config\.optim\.lr_multipliers'):
     optim.make_optimizer(config)
+
+
+def test_validate_names_the_bad_training_key():
+  for key, value, match in [('loss.name', 'hinge', r'config\.loss\.name'),
+                            ('train.micro_batches', 3, r'config\.train\.micro_batches'),
+                            ('optim.warmup_steps', -1, r'config\.optim\.warmup_steps'),
+                            ('mesh.param_rules', (('(', ''),), r'config\.mesh\.param_rules')]:
+    config = get_config('tiny')
+    section, name = key.split('.')
+    config[section][name] = value
+    with pytest.raises(ValueError, match=match):
+      validate(config)
+  validate(get_config('tiny'))
