@@ -7,21 +7,23 @@ import sys
 import numpy as np
 import pytest
 
-import clip_jax
+from clip_jax.api import ClipModel
 from clip_jax import embed
 from clip_jax.checkpoint import save_model
 from clip_jax.config import get_config
 from clip_jax.data.tokenizers import SentencePieceTokenizer, train_sentencepiece
 from clip_jax.evaluate import __main__ as evaluate_cli
 from clip_jax.evaluate.datasets import load_image
+from clip_jax.models import model_config
 from test_eval_data import make_folder
+from test_eval_features import random_variables
 
 
 @pytest.fixture(scope='module')
 def run(tmp_path_factory):
   """A tiny model saved as a workdir, a SentencePiece tokenizer and an image folder."""
   root = tmp_path_factory.mktemp('embed')
-  model = clip_jax.load('tiny', seed=3)
+  model = ClipModel(model_config('tiny'), random_variables(model_config('tiny'), seed=3))
   workdir = root / 'run'
   save_model(str(workdir), get_config('tiny'), model.variables)
   corpus = [f'a {c} {s} on the {p}' for c in ('red', 'green', 'blue', 'deep blue')
@@ -88,6 +90,7 @@ def test_evaluate_cli_writes_json_in_the_workdir(run, capsys):
           'linear_probe/pics/accuracy'} <= set(results)
   printed = capsys.readouterr().out
   assert '| task | dataset | metric | value |' in printed and 'eval_results.json' in printed
+  assert len(list((run['root'] / 'run' / 'eval_cache').glob('zeroshot_*.npy'))) == 1
 
 
 @pytest.mark.parametrize('module', ['clip_jax.evaluate', 'clip_jax.embed'])

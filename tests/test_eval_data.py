@@ -9,11 +9,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import clip_jax
+from clip_jax.api import ClipModel
 from clip_jax.config import get_config
 from clip_jax.evaluate import datasets as ds
 from clip_jax.evaluate.run import markdown_table, run_evaluations
+from clip_jax.models import model_config
 from clip_jax.sharding import make_mesh, replicated
+from test_eval_features import random_variables
 
 COLOURS = {'red': (220, 30, 30), 'green': (30, 200, 40), 'deep_blue': (20, 40, 230)}
 
@@ -102,7 +104,7 @@ _hash_tokenizer.context_length = 16
 
 @pytest.fixture(scope='module')
 def tiny():
-  return clip_jax.load('tiny', seed=0)
+  return ClipModel(model_config('tiny'), random_variables(model_config('tiny'), seed=0))
 
 
 def test_run_evaluations_end_to_end(tiny, tmp_path, capsys):
@@ -113,7 +115,7 @@ def test_run_evaluations_end_to_end(tiny, tmp_path, capsys):
   cfg = get_config('tiny').eval
   cfg.update(zeroshot=f'builtin,folder:{tmp_path / "pics"}', retrieval='builtin',
              linear_probe=f'folder:{tmp_path / "pics"}', train_split='test', batch_size=16,
-             max_examples=40)
+             max_examples=40, cache_dir=str(tmp_path / 'run' / 'eval_cache'))
   workdir = str(tmp_path / 'run')
   results = run_evaluations(cfg, model.module, variables, mesh, _hash_tokenizer, workdir, step=7)
   for key in ('zeroshot/builtin_test/top1', 'zeroshot/builtin_test/top5',
@@ -131,7 +133,7 @@ def test_run_evaluations_end_to_end(tiny, tmp_path, capsys):
   assert len(history) == 1
   printed = capsys.readouterr().out
   assert '| zeroshot | builtin_test | top1 |' in printed and 'eval_results.json' in printed
-  # The classifier cache under the workdir is reused on the next evaluation.
+  # One cached classifier per zero-shot dataset, for the next evaluation of these weights.
   assert len(list((tmp_path / 'run' / 'eval_cache').glob('zeroshot_*.npy'))) == 2
   assert markdown_table({'a/b/C': 0.001}).endswith('| a | b | C | 0.001 |')
 

@@ -13,6 +13,7 @@ to --out (default: the workdir, else the current directory).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from clip_jax.config import get_config
@@ -71,10 +72,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
   eval_config.update(
       batch_size=args.batch_size, split=args.split, train_split=args.train_split,
       templates=args.templates, classnames=args.classnames, data_dir=args.data_dir,
-      max_examples=args.max_examples, cache_dir=args.cache_dir)
+      max_examples=args.max_examples)
   for task in args.tasks:
     eval_config[task] = args.dataset
   out = args.out or args.workdir or '.'
+  # A fixed model evaluated again (other datasets, other splits) reuses its classifiers.
+  eval_config.cache_dir = args.cache_dir or os.path.join(out, 'eval_cache')
   print(f'evaluating {args.workdir or args.source} ({loaded.model_config.name}) on '
         f'{args.dataset}: {", ".join(args.tasks)}, {mesh.size} device(s)')
   # The linear probe alone reads no text: it runs without a tokenizer.

@@ -147,7 +147,8 @@ def run_evaluations(eval_config: ml_collections.ConfigDict, model: CLIP, variabl
                 data_dir=eval_config.data_dir or None, max_examples=int(eval_config.max_examples))
   classnames = (read_lines(eval_config.classnames, 'class names')
                 if eval_config.classnames else None)
-  cache_dir = eval_config.cache_dir or (os.path.join(workdir, 'eval_cache') if workdir else None)
+  # No cache by default: during training the weights change between evaluations.
+  cache_dir = eval_config.cache_dir or None
   results: dict[str, float] = {}
   start = time.time()
   for spec in _specs(eval_config.zeroshot):

@@ -96,7 +96,9 @@ def zeroshot_classifier(encode_text_fn: EncodeTextFn, tokenize_fn: TokenizeFn,
     features = features / np.maximum(np.linalg.norm(features, axis=-1, keepdims=True), 1e-12)
     if sums is None:
       sums = np.zeros((len(classnames), features.shape[-1]), np.float64)
-    np.add.at(sums, class_ids, features)
+    # class_ids ascend (class-major order): sum each class's run of rows at once.
+    starts = np.flatnonzero(np.r_[True, class_ids[1:] != class_ids[:-1]])
+    sums[class_ids[starts]] += np.add.reduceat(features.astype(np.float64), starts, axis=0)
   classifier = (sums / num_templates).astype(np.float32)
   classifier /= np.maximum(np.linalg.norm(classifier, axis=-1, keepdims=True), 1e-12)
 
