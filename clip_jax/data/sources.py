@@ -30,6 +30,7 @@ import itertools
 import logging
 import os
 import re
+import sys
 import tarfile
 from typing import Any, Iterator, Mapping
 
@@ -100,6 +101,17 @@ def host_files(files: list[str], process_index: int, process_count: int,
     raise ValueError(f'{name}: {len(files)} file(s) cannot be split over {process_count} hosts; '
                      'write at least one shard per host')
   return files[process_index::process_count]
+
+
+def _exists(path: tf.Tensor) -> tf.Tensor:
+  """In-graph: whether `path` exists (printing a warning when it does not)."""
+  found = tf.size(tf.io.matching_files(path)) > 0
+
+  def warn() -> tf.Tensor:
+    tf.print('clip_jax.data: skipping missing file', path, output_stream=sys.stderr)
+    return found
+
+  return tf.cond(found, lambda: found, warn)
 
 
 def _wds_members(path: str) -> Iterator[tuple[str, str, bytes]]:
@@ -206,7 +218,9 @@ class Source:
   def read_file(self, path: tf.Tensor) -> tf.data.Dataset:
     """Raw elements of one file; read errors end that file (logged), never the stream."""
     if self.kind == 'tfrecord':
-      records = tf.data.TFRecordDataset(path, buffer_size=1 << 20)
+      # A missing file would fail every read attempt (ignore_errors would retry forever).
+      records = tf.data.Dataset.from_tensors(path).filter(_exists).flat_map(
+          lambda p: tf.data.TFRecordDataset(p, buffer_size=1 << 20))
     else:
       extensions = tuple(e.strip().lower() for e in self.images.split(',') if e.strip())
       records = tf.data.Dataset.from_generator(
@@ -216,8 +230,12 @@ class Source:
                                           tf.TensorSpec([], tf.int64)))
     return records.ignore_errors(log_warning=True)
 
-  def parse(self, raw: Any) -> dict[str, tf.Tensor]:
-    """A raw element -> {'image', 'captions' [K], 'label'}; bad records raise (and are skipped)."""
+  def parse(self, *raw: Any) -> dict[str, tf.Tensor]:
+    """A raw element -> {'image', 'captions' [K], 'label'}; bad records raise (and are skipped).
+
+    Takes the element whole or, as Dataset.map passes a tuple, its parts.
+    """
+    raw = raw[0] if len(raw) == 1 else raw
     if self.kind == 'tfrecord':
       features = {self.images: tf.io.FixedLenFeature([], tf.string, default_value=''),
                   self.captions: tf.io.VarLenFeature(tf.string)}
