@@ -8,6 +8,7 @@ subsystem sit in one place.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import ml_collections
@@ -203,6 +204,23 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.batch_size <= 0:
     raise ValueError(f'config.batch_size: expected a positive integer, got {config.batch_size}')
   _validate_training(config)
+  _validate_eval(config.eval)
+
+
+def _validate_eval(section: ml_collections.ConfigDict) -> None:
+  """config.eval: sizes, fractions and the template choice (datasets are checked when read)."""
+  from clip_jax.evaluate.templates import TEMPLATE_SETS  # pylint: disable=import-outside-toplevel
+  for key in ('batch_size', 'every_steps', 'max_examples'):
+    value, least = section[key], 1 if key == 'batch_size' else 0
+    if not isinstance(value, int) or value < least:
+      raise ValueError(f'config.eval.{key}: expected an integer >= {least}, got {value!r}')
+  if not 0 < section.probe_val_fraction < 1:
+    raise ValueError(f'config.eval.probe_val_fraction: expected a fraction in (0, 1), got '
+                     f'{section.probe_val_fraction!r}')
+  templates = section.templates
+  if templates != 'auto' and templates not in TEMPLATE_SETS and not os.path.isfile(templates):
+    raise ValueError(f'config.eval.templates: {templates!r} is neither auto, a template set '
+                     f'({", ".join(TEMPLATE_SETS)}) nor an existing file')
 
 
 def _validate_training(config: ml_collections.ConfigDict) -> None:

@@ -180,3 +180,21 @@ def test_template_sets_and_files(tmp_path):
     get_templates(str(path))
   with pytest.raises(ValueError, match='neither a template set'):
     get_templates('no-such-set')
+
+
+def test_eval_config_section_is_validated(tmp_path):
+  from clip_jax.config import get_config, validate
+  config = get_config('tiny')
+  validate(config)
+  prompts = tmp_path / 'prompts.txt'
+  prompts.write_text('a {}.\n')
+  config.eval.templates = str(prompts)
+  validate(config)
+  for key, value, message in (('templates', 'nope', 'config.eval.templates'),
+                              ('batch_size', 0, r'config.eval.batch_size: expected an integer >= 1'),
+                              ('every_steps', -1, 'config.eval.every_steps'),
+                              ('probe_val_fraction', 1.0, 'config.eval.probe_val_fraction')):
+    bad = get_config('tiny')
+    bad.eval[key] = value
+    with pytest.raises(ValueError, match=message):
+      validate(bad)
