@@ -131,7 +131,9 @@ class MeshPrefetcher:
     self._thread.join(timeout=10)
 
   def __del__(self):
-    self._stop.set()
+    stop = getattr(self, '_stop', None)   # absent when __init__ refused its arguments
+    if stop is not None:
+      stop.set()
 
 
 def prefetch_to_mesh(iterator: Iterator[Mapping[str, np.ndarray]], sharding: ShardingLike,
