@@ -104,9 +104,9 @@ def import_state_dict(state: Mapping[str, np.ndarray], *, layout: str = 'openai'
   else:
     cfg = infer.build_config(arch, **options)
     what = f'the architecture read from its shapes ({cfg.name})'
-  entries = module.entries(cfg)
-  check_keys(source, state, torch_shapes(entries, expected_shapes(cfg)), module.ignored, what)
-  variables = to_variables(entries, state, cfg, _weights_dtype(weights_dtype))
+  entries, shapes = module.entries(cfg), expected_shapes(cfg)
+  check_keys(source, state, torch_shapes(entries, shapes), module.ignored, what)
+  variables = to_variables(entries, state, cfg, shapes, _weights_dtype(weights_dtype))
   info = SourceInfo(
       layout=layout, source=source, dtypes={k: dtype_name(v.dtype) for k, v in state.items()},
       key_order=[k for k in state if not module.DROPPED.search(k)],
@@ -180,7 +180,7 @@ def _cast_for_export(tensors: Mapping[str, np.ndarray], dtype: str | None,
         value = value.astype(target)
       elif source is not None and key in source.dtypes:
         value = value.astype(DTYPE_NAMES[source.dtypes[key]])
-    out[key] = np.asarray(value, order='C')
+    out[key] = value
   return out
 
 

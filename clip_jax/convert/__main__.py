@@ -94,7 +94,8 @@ def _run(args: argparse.Namespace) -> int:
     name = infer.open_clip_name(cfg)
     if name:
       print(f"open_clip: open_clip.create_model('{name}', pretrained='{paths[0]}')")
-    print(f"open_clip: open_clip.create_model('local-dir:{os.path.dirname(paths[1])}')")
+    if not paths[0].endswith('.pt'):   # open_clip's local-dir: finds .safetensors/.bin/.pth
+      print(f"open_clip: open_clip.create_model('local-dir:{os.path.dirname(paths[1])}')")
   else:
     print(f"transformers: CLIPModel.from_pretrained('{args.out}')")
   return 0

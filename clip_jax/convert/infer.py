@@ -63,7 +63,8 @@ def build_config(arch: Mapping[str, Any], **options: Any) -> ml_collections.Conf
         (entry['embed_dim'] != fields['embed_dim'])
 
   same_type = [n for n, e in ARCHITECTURES.items() if e['vision']['type'] == fields['vision']['type']]
-  cfg = model_config(min(same_type, key=distance), **options)
+  # Only the name is borrowed: options a zoo entry sets (tiny's text pooling) do not carry over.
+  cfg = model_config(min(same_type, key=distance), **dict(MODEL_DEFAULTS, **options))
   cfg.embed_dim = fields['embed_dim']
   cfg.vision = ml_collections.ConfigDict(fields['vision'])
   cfg.text = ml_collections.ConfigDict(fields['text'])

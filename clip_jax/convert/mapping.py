@@ -9,6 +9,8 @@ transpose, so values round-trip bit for bit; only an explicit dtype cast changes
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -99,7 +101,14 @@ def unscanned(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 def expected_shapes(cfg: ml_collections.ConfigDict) -> dict[str, Shape]:
   """Flat clip_jax name -> shape for a model config (unrolled layers), allocating nothing."""
-  return {k: tuple(v.shape) for k, v in flatten_names(param_shapes(unscanned(cfg))).items()}
+  return dict(_shapes_of(json.dumps(unscanned(cfg).to_dict(), sort_keys=True, default=list)))
+
+
+@functools.lru_cache(maxsize=16)
+def _shapes_of(cfg_json: str) -> tuple[tuple[str, Shape], ...]:
+  # Tracing the model takes seconds; import and export of one model ask for the same shapes.
+  cfg = ml_collections.ConfigDict(json.loads(cfg_json))
+  return tuple((k, tuple(v.shape)) for k, v in flatten_names(param_shapes(cfg)).items())
 
 
 def torch_shapes(entries: Sequence[Entry], shapes: Mapping[str, Shape]) -> dict[str, Shape]:
@@ -146,19 +155,20 @@ def set_layer_layout(variables: Mapping[str, Any], scan_layers: bool) -> dict[st
 
 
 def to_variables(entries: Sequence[Entry], state: Mapping[str, np.ndarray],
-                 cfg: ml_collections.ConfigDict, dtype: Any) -> dict[str, Any]:
+                 cfg: ml_collections.ConfigDict, shapes: Mapping[str, Shape], dtype: Any
+                 ) -> dict[str, Any]:
   """clip_jax variables ({'params', maybe 'batch_stats'}) from checked PyTorch tensors.
 
-  Floating arrays are cast to `dtype` (None keeps each tensor's own dtype).
+  `shapes` are `expected_shapes(cfg)`. Floating arrays are cast to `dtype` (None keeps
+  each tensor's own dtype).
   """
   flat = {}
-  shapes = expected_shapes(cfg)
   for entry in entries:
     value = KINDS[entry.kind].to_flax([np.asarray(state[k]) for k in entry.torch_keys],
                                       shapes[entry.name])
     if dtype is not None and jnp.issubdtype(value.dtype, jnp.floating):
       value = value.astype(dtype)
-    flat[entry.name] = np.asarray(value, order='C')
+    flat[entry.name] = value
   missing = [n for n in shapes if n not in flat]
   if missing:   # a layout that forgets a variable is a bug here, not in the user's file
     raise AssertionError(f'layout has no entry for {missing[0]}')

@@ -135,7 +135,7 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray]
   offset = 0
   arrays = []
   for key, value in tensors.items():
-    array = np.asarray(value, order='C')
+    array = np.asarray(value)
     if array.dtype not in _SAFETENSORS_NAMES:
       raise ValueError(f'{path}: tensor {key!r} has dtype {array.dtype}, which safetensors '
                        f'cannot store (expected one of {sorted(set(map(str, _SAFETENSORS_NAMES)))})')
