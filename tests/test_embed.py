@@ -98,3 +98,12 @@ def test_command_line_help(module):
   done = subprocess.run([sys.executable, '-m', module, '--help'], capture_output=True, text=True,
                         check=True, timeout=120)
   assert f'python -m {module}' in done.stdout and '--source' in done.stdout
+
+
+def test_evaluation_imports_neither_tensorflow_nor_torch():
+  """Accelerator hosts may lack both: only TFDS/shard datasets load tensorflow, lazily."""
+  code = ('import sys, clip_jax.evaluate, clip_jax.embed, clip_jax.evaluate.__main__; '
+          'print(sorted(m for m in ("tensorflow", "torch", "sklearn") if m in sys.modules))')
+  done = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                        check=True, timeout=120)
+  assert done.stdout.strip() == '[]'
