@@ -4,11 +4,12 @@ in global order, on both hosts."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import numpy as np
+
+from test_multihost import _free_port   # the same localhost coordinator as the train-step test
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TESTS)
@@ -51,12 +52,6 @@ print('RESULT ' + json.dumps(dict(
     loaded=loaded, index=out['index'].tolist(), label=out['label'].tolist(),
     max_error=float(np.abs(out['features'] - want).max()))), flush=True)
 '''
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
 
 
 def test_two_hosts_count_every_example_once_in_global_order(tmp_path):
