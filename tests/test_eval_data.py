@@ -173,3 +173,50 @@ def test_shards_through_the_pipeline_agree_with_the_image_folder(tiny, tmp_path)
   for metric in ('image_to_text_R@1', 'text_to_image_R@5'):
     assert results[f'retrieval/shards/{metric}'] == pytest.approx(
         results[f'retrieval/pics/{metric}'])
+
+
+def test_tfds_by_name_from_data_dir_matches_the_image_folder(tiny, tmp_path):
+  """A TFDS dataset prepared here (nothing downloaded): class names from its ClassLabel,
+  splits by name; the same pictures as an image folder score the same."""
+  import tensorflow_datasets as tfds
+  rng = np.random.default_rng(1)
+  names = sorted(COLOURS)
+  pictures = {split: [(label, np.clip(np.array(COLOURS[name]) + rng.normal(0, 40, (32, 32, 3)),
+                                      0, 255).astype(np.uint8))
+                      for label, name in enumerate(names) for _ in range(count)]
+              for split, count in (('train', 6), ('test', 5))}
+
+  class EvalColours(tfds.core.GeneratorBasedBuilder):
+    """Flat colours, three classes."""
+    VERSION = tfds.core.Version('1.0.0')
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+          'image': tfds.features.Image(shape=(32, 32, 3), encoding_format='png'),
+          'label': tfds.features.ClassLabel(names=names)}))
+
+    def _split_generators(self, dl_manager):
+      return {split: self._generate_examples(split) for split in pictures}
+
+    def _generate_examples(self, split):
+      for i, (label, image) in enumerate(pictures[split]):
+        yield i, {'image': image, 'label': label}
+
+  EvalColours(data_dir=str(tmp_path / 'tfds')).download_and_prepare()
+  for i, (label, image) in enumerate(pictures['test']):
+    os.makedirs(tmp_path / 'pics' / names[label], exist_ok=True)
+    Image.fromarray(image).save(tmp_path / 'pics' / names[label] / f'{i}.png')
+  data = ds.open_dataset('tfds:eval_colours', split='test', image_size=32,
+                         data_dir=str(tmp_path / 'tfds'))
+  assert data.classnames == ['deep blue', 'green', 'red'] and data.num_examples == 15
+  cfg = get_config('tiny').eval
+  cfg.update(zeroshot=f'tfds:eval_colours,folder:{tmp_path / "pics"}',
+             linear_probe='tfds:eval_colours', data_dir=str(tmp_path / 'tfds'), batch_size=16)
+  results = run_evaluations(cfg, tiny.module, tiny.variables, make_mesh(), _hash_tokenizer)
+  assert results['zeroshot/eval_colours/num_examples'] == 15
+  for metric in ('top1', 'top5', 'mean_per_class'):
+    assert results[f'zeroshot/eval_colours/{metric}'] == pytest.approx(
+        results[f'zeroshot/pics/{metric}'])
+  assert results['linear_probe/eval_colours/accuracy'] == 100.0    # fitted on 'train'
+  with pytest.raises(ValueError, match='nothing is downloaded'):
+    ds.open_dataset('tfds:eval_colours', image_size=32, data_dir=str(tmp_path / 'elsewhere'))
