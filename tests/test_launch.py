@@ -283,9 +283,9 @@ def test_worker_job_control_for_real(tmp_path):
   venv, home = tmp_path / 'venv', tmp_path / 'home'
   (venv / 'bin').mkdir(parents=True)
   # The job's "python": records its arguments and environment, then waits for a file
-  # and exits with the code written in it.
+  # and exits with the code written in it; on SIGTERM it "saves" and exits 0, as the trainer.
   fake_python = venv / 'bin' / 'python'
-  fake_python.write_text('#!/usr/bin/env bash\necho "args: $*"\nenv | grep -E ^CLIP_JAX_\(COORDINATOR_ADDRESS\|NUM_PROCESSES\|PROCESS_ID\)= | sort\n'
+  fake_python.write_text('#!/usr/bin/env bash\ntrap "echo saved; exit 0" TERM\necho "args: $*"\nenv | grep -E ^CLIP_JAX_\(COORDINATOR_ADDRESS\|NUM_PROCESSES\|PROCESS_ID\)= | sort\n'
                          f'while [[ ! -f {tmp_path}/release ]]; do sleep 0.1; done\n'
                          f'exit "$(cat {tmp_path}/release)"\n')
   fake_python.chmod(0o755)
@@ -314,7 +314,8 @@ def test_worker_job_control_for_real(tmp_path):
   assert ('CLIP_JAX_COORDINATOR_ADDRESS=10.0.0.2:8476\nCLIP_JAX_NUM_PROCESSES=2\n'
           'CLIP_JAX_PROCESS_ID=1\n') in log
 
-  # Hostname-style endpoints; a stopped job is "absent", which watch.sh restarts.
+  # Hostname-style endpoints. A stopped job (SIGTERM: the trainer saves and exits 0)
+  # is recorded as 143, which watch.sh restarts rather than taking it for finished.
   (tmp_path / 'release').unlink()
   env['TPU_METADATA_URL'] = _metadata(tmp_path / 'md2', 0, 'host-a,host-b,host-c,host-d')
   _run(worker, 'start', '--', '--config=configs/tiny.py', env=env)
@@ -324,7 +325,8 @@ def test_worker_job_control_for_real(tmp_path):
     time.sleep(0.1)
   pid = int((home / 'job' / 'pid').read_text())
   assert 'stopped' in _run(worker, 'stop', env=env).stdout
-  assert status() == 'absent'
+  assert status() == 'exit 143'
+  assert 'saved' in log_file.read_text()
   with pytest.raises(ProcessLookupError):
     os.kill(pid, 0)
   log = log_file.read_text()

@@ -5,7 +5,8 @@
 #
 #   worker.sh start -- ARGS...   start `python -m clip_jax.main ARGS...` in the background
 #   worker.sh status             print `clip_jax_job HOST: running|exit N|absent`
-#   worker.sh stop               stop the job (its whole process group) and wait for it
+#   worker.sh stop               stop the job (SIGTERM to its process group: the trainer
+#                                saves a checkpoint) and wait for it; status: exit 143
 #   worker.sh log                follow the job's log
 #   worker.sh upload-log GS_DIR  copy the log to GS_DIR/HOST.log
 #
@@ -90,8 +91,16 @@ case "${1:-}" in
     export_distributed_env
     echo "clip_jax_job ${HOST}: process ${CLIP_JAX_PROCESS_ID:-0} of ${CLIP_JAX_NUM_PROCESSES:-1}, coordinator ${CLIP_JAX_COORDINATOR_ADDRESS:-none}"
     echo "clip_jax_job ${HOST}: $(date -u +%FT%TZ) python -m clip_jax.main $*"
+    # SIGTERM (a preemption notice, or `worker.sh stop`) reaches python too, which saves a
+    # checkpoint and exits 0; the job is then stopped, not finished: record 143 so that
+    # watch.sh restarts it rather than taking it for done.
+    terminated=0
+    trap 'terminated=1' TERM
     rc=0
     python -m clip_jax.main "$@" || rc=$?
+    if ((terminated && rc == 0)); then
+      rc=143
+    fi
     echo "${rc}" >"${JOB_DIR}/exit"
     echo "clip_jax_job ${HOST}: $(date -u +%FT%TZ) exit ${rc}"
     ;;
