@@ -5,11 +5,12 @@ steps with `python -m clip_jax.main`, writing one checkpoint together."""
 import json
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 
 import pytest
+
+from test_multihost import _free_port   # a free localhost port for the coordinator
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 LAUNCH = REPO / 'launch' / 'gpu' / 'launch.sh'
@@ -17,12 +18,6 @@ NUM_PROCESSES = 2
 STEPS = 2
 # Generous for a loaded 2-core machine; about a minute when it is idle.
 TIMEOUT_S = 420
-
-
-def _free_port() -> int:
-  with socket.socket() as sock:
-    sock.bind(('127.0.0.1', 0))
-    return sock.getsockname()[1]
 
 
 @pytest.mark.slow
