@@ -56,6 +56,9 @@ def test_image_folder_classes_labels_and_corrupt_files(tmp_path):
   assert sorted(set(rows.values())) == [0, 1, 2]
   image = next(b['image'][0] for b in batches)
   assert image.shape == (32, 32, 3) and image.dtype == np.float32
+  subset = ds.image_folder(str(tmp_path), 32, max_examples=6)
+  rows = [r for b in subset.batches(8, mesh) for r in zip(b['index'], b['label'], b['mask'])]
+  assert subset.num_examples == 6 and len({int(l) for _, l, _ in rows}) > 1   # not one class
   with pytest.raises(FileNotFoundError, match='not a directory'):
     ds.image_folder(str(tmp_path / 'missing'), 32)
 

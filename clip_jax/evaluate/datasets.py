@@ -20,6 +20,7 @@ the first caption of each example, which the iterator tokenizes.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import os
@@ -100,16 +101,24 @@ def list_images(folder: str) -> list[str]:
 
 def _file_batches(folder: str, files: Sequence[str], labels: np.ndarray, image_size: int,
                   skipped: list[str]) -> Callable[[int, Mesh], Iterator[dict[str, np.ndarray]]]:
+  def load_one(index: int) -> np.ndarray | None:
+    path = os.path.join(folder, files[index])
+    try:
+      return load_image(path, image_size)
+    except (OSError, ValueError) as error:   # a corrupt file is skipped and counted
+      skipped.append(f'{path}: {error}')
+      return None
+
   def load_rows(indices: np.ndarray) -> dict[str, np.ndarray]:
     images = np.zeros((len(indices), image_size, image_size, 3), np.float32)
     mask = np.ones(len(indices), bool)
-    for row, i in enumerate(indices):
-      path = os.path.join(folder, files[i])
-      try:
-        images[row] = load_image(path, image_size)
-      except (OSError, ValueError) as error:   # a corrupt file is skipped and counted
-        mask[row] = False
-        skipped.append(f'{path}: {error}')
+    # PIL decodes and resizes without the GIL: threads keep a host's cores busy.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
+      for row, image in enumerate(pool.map(load_one, indices.tolist())):
+        if image is None:
+          mask[row] = False
+        else:
+          images[row] = image
     return {'image': images, 'mask': mask, 'label': labels[indices].astype(np.int32),
             'index': indices.astype(np.int32)}
 
@@ -138,9 +147,11 @@ def image_folder(folder: str, image_size: int, max_examples: int = 0, name: str 
   captions_path = os.path.join(folder, 'captions.jsonl')
   if os.path.exists(captions_path):
     files, labels, captions = _read_captions(captions_path, files, labels)
-  if max_examples:
-    files, labels = files[:max_examples], labels[:max_examples]
-    captions = captions[:max_examples] if captions else None
+  if max_examples and max_examples < len(files):
+    # A fixed random subset, in file order: every class keeps its share.
+    keep = np.sort(np.random.default_rng(0).permutation(len(files))[:max_examples])
+    files, labels = [files[i] for i in keep], labels[keep]
+    captions = [captions[i] for i in keep] if captions else None
   data = image_files(folder, files, image_size, labels,
                      name=name or os.path.basename(os.path.normpath(folder)))
   data.classnames, data.captions = classnames, captions

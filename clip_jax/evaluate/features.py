@@ -76,15 +76,16 @@ def host_batches(num_examples: int, global_batch_size: int, mesh: Mesh,
   """
   local = host_batch_size(global_batch_size, mesh)
   process = jax.process_index()
+  empty = None      # zero rows of the right shapes, for a host whose slice is empty
   for start in range(0, num_examples, global_batch_size):
     lo = min(start + process * local, num_examples)
     hi = min(lo + local, num_examples)
-    indices = np.arange(lo, hi)
-    if len(indices):
-      rows = dict(load_rows(indices))
-    else:   # this host's slice of the last batch is empty: an all-padding batch
-      rows = {k: v[:0] for k, v in load_rows(np.arange(0, 1)).items()}
-    yield pad_batch(rows, local)
+    if hi > lo:
+      rows = dict(load_rows(np.arange(lo, hi)))
+    else:   # an all-padding batch; the shapes come from a row this host read, or row 0
+      rows = empty if empty is not None else dict(load_rows(np.arange(0, 1)))
+    empty = {k: np.asarray(v)[:0] for k, v in rows.items()}
+    yield pad_batch(rows if hi > lo else empty, local)
 
 
 def array_batches(arrays: Mapping[str, np.ndarray], global_batch_size: int, mesh: Mesh
