@@ -47,9 +47,9 @@ def test_zeroshot_predictions_match_open_clip(tmp_path):
       text_cfg=open_clip.model.CLIPTextCfg(context_length=CONTEXT, vocab_size=49408, width=128,
                                            heads=2, layers=2)).eval()
   state = {k: v.detach().numpy() for k, v in reference.state_dict().items()}
+  imported = import_state_dict(state, source='random-init open_clip')
   # OpenAI/open_clip models read text features at the argmax token (EOT has the largest id).
-  imported = import_state_dict(state, source='random-init open_clip',
-                               text_pool='argmax', eot_token_id=49407)
+  assert imported.config.text_pool == 'argmax'
   model, variables = build_model(imported.config), imported.variables
   mesh = make_mesh()
   root = tmp_path / 'pics'
