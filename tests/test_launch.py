@@ -134,6 +134,35 @@ def test_train_runs_the_same_command_on_every_worker():
       '--config.data.train.pattern=gs://bucket/cc12m/train-*.tfrecord']
 
 
+# Parses trainer flags exactly as `python -m clip_jax.main` does (absl + config_flags).
+PARSE_TRAINER_FLAGS = """
+import json, sys
+from absl import app, flags
+from ml_collections import config_flags
+config_flags.DEFINE_config_file('config', None, lock_config=True)
+flags.DEFINE_string('workdir', None, '')
+def main(argv):
+  c = flags.FLAGS.config
+  print(json.dumps(dict(workdir=flags.FLAGS.workdir, model=c.model.name, batch_size=c.batch_size,
+                        source=c.data.train.source, pattern=c.data.train.pattern,
+                        mesh=list(c.mesh.shape))))
+app.run(main)
+"""
+
+
+def test_the_training_command_is_one_the_trainer_accepts():
+  (ssh,) = _commands(_run(TPU / 'train.sh', *ZONE_FLAGS, f'--workdir={WORKDIR}',
+                          '--data=gs://bucket/laion/{00000..00099}.tar', '--dry-run', '--',
+                          '--config.batch_size=4096', '--config.mesh.shape=(1,-1,1)'))
+  parsed = subprocess.run([sys.executable, '-c', PARSE_TRAINER_FLAGS, *_train_args(ssh)],
+                          capture_output=True, text=True, cwd=REPO, timeout=120,
+                          env=_env(PYTHONPATH=str(REPO)))
+  assert parsed.returncode == 0, parsed.stderr[-3000:]
+  assert json.loads(parsed.stdout.splitlines()[-1]) == dict(
+      workdir=WORKDIR, model='ViT-B/32', batch_size=4096, source='wds',
+      pattern='gs://bucket/laion/{00000..00099}.tar', mesh=[1, -1, 1])
+
+
 def test_logs_copy_out_and_delete():
   (log,) = _commands(_run(TPU / 'logs.sh', *ZONE_FLAGS, '--dry-run'))
   assert '--worker=0' in log and _flag(log, 'command').endswith('worker.sh log')
