@@ -123,11 +123,14 @@ def test_run_evaluations_end_to_end(tiny, tmp_path, capsys):
   results = run_evaluations(cfg, model.module, variables, mesh, _hash_tokenizer, workdir, step=7)
   for key in ('zeroshot/builtin_test/top1', 'zeroshot/builtin_test/top5',
               'zeroshot/builtin_test/mean_per_class', 'zeroshot/pics/top1',
-              'retrieval/builtin_test/image_to_text_R@10', 'retrieval/builtin_test/text_to_image_R@1',
+              'retrieval/builtin_test/image_to_text_R@10',
+              'retrieval/builtin_test/text_to_image_R@1',
               'linear_probe/pics/accuracy', 'linear_probe/pics/C'):
     assert key in results, key
   assert results['zeroshot/builtin_test/num_examples'] == 40
   assert results['zeroshot/pics/num_examples'] == 12           # 13 files, one unreadable
+  assert results['zeroshot/pics/num_skipped'] == 1
+  assert 'zeroshot/builtin_test/num_skipped' not in results
   assert all(0 <= v <= 100 for k, v in results.items() if k.endswith(('top1', 'R@1')))
   assert results['linear_probe/pics/accuracy'] == 100.0         # three flat colours
   saved = json.loads((tmp_path / 'run' / 'eval_results.json').read_text())

@@ -186,7 +186,8 @@ def _read_captions(path: str, files: list[str], labels: np.ndarray
                          'relative to the folder) and "captions" (a list of strings)') from None
       image = os.path.normpath(image)
       if image not in label_of:
-        raise ValueError(f'{path}:{line_number}: image {image!r} is not an image file of the folder')
+        raise ValueError(f'{path}:{line_number}: image {image!r} is not an image file of '
+                         'the folder')
       if isinstance(texts, str):
         texts = [texts]
       if not texts:
@@ -201,7 +202,8 @@ def builtin_scenes(split: str, image_size: int, max_examples: int = 0) -> EvalDa
   """The generated scenes of `clip_jax.data.builtin` (deterministic; needs no files)."""
   from clip_jax.data import builtin   # pylint: disable=import-outside-toplevel
   if split not in BUILTIN_SPLITS:
-    raise ValueError(f'builtin: unknown split {split!r}; expected one of {", ".join(BUILTIN_SPLITS)}')
+    raise ValueError(f'builtin: unknown split {split!r}; expected one of '
+                     f'{", ".join(BUILTIN_SPLITS)}')
   held_out, seed = BUILTIN_SPLITS[split]
   records = list(builtin.scenes(max_examples or BUILTIN_DEFAULT_SIZE, seed=seed,
                                 held_out=held_out, image_size=image_size))
@@ -242,11 +244,14 @@ def stream_dataset(source: dict, name: str, image_size: int, max_examples: int =
     limit = -(-max_examples // batch_size) if max_examples else len(iterator)
     for number, batch in enumerate(iterator):
       if number == limit:
-        break
+        return
       yield batch
+    # Known once the stream is exhausted: examples that could not be decoded became padding.
+    skipped.extend([f'{name}: an example that could not be decoded'] * iterator.num_skipped)
 
+  skipped: list[str] = []
   return EvalData(name=name, num_examples=total or 0, batches=batches, classnames=classnames,
-                  tokenized_captions=tokenizer is not None)
+                  tokenized_captions=tokenizer is not None, skipped=skipped)
 
 
 def open_dataset(spec: str, *, split: str = 'test', image_size: int, data_dir: str | None = None,

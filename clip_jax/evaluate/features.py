@@ -118,9 +118,9 @@ def _gather_hosts(local: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
           multihost_utils.process_allgather(dict(local), tiled=True).items()}
 
 
-def extract_features(encode_fn: EncodeFn, variables: Any, batches: Iterable[Mapping[str, np.ndarray]],
-                     mesh: Mesh, *, input_key: str = 'image', normalize: bool = True
-                     ) -> dict[str, np.ndarray]:
+def extract_features(encode_fn: EncodeFn, variables: Any,
+                     batches: Iterable[Mapping[str, np.ndarray]], mesh: Mesh, *,
+                     input_key: str = 'image', normalize: bool = True) -> dict[str, np.ndarray]:
   """Encodes `batches[input_key]` on the mesh; returns 'features' and the other keys.
 
   `batches` yields this host's equally sized, padded batches with a `mask` (see

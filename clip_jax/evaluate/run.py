@@ -132,6 +132,16 @@ def _specs(value: str) -> list[str]:
   return [s.strip() for s in str(value or '').split(',') if s.strip()]
 
 
+def _with_skipped(metrics: dict[str, float], data: EvalData) -> dict[str, float]:
+  """Adds `num_skipped` (unreadable examples, left out of every score) when there are any."""
+  if data.skipped:
+    metrics = dict(metrics, num_skipped=metrics.get('num_skipped', 0.0) + len(data.skipped))
+    if jax.process_index() == 0:
+      print(f'{data.name}: skipped {len(data.skipped)} unreadable example(s), e.g. '
+            f'{data.skipped[0]}')
+  return metrics
+
+
 def run_evaluations(eval_config: ml_collections.ConfigDict, model: CLIP, variables: Any,
                     mesh: Mesh, tokenizer: Callable[[Sequence[str]], np.ndarray] | None,
                     workdir: str | None = None, step: int | None = None) -> dict[str, float]:
@@ -157,16 +167,19 @@ def run_evaluations(eval_config: ml_collections.ConfigDict, model: CLIP, variabl
                  else get_templates(eval_config.templates, data.name))
     metrics = evaluate_zeroshot(data, model, variables, mesh, tokenizer, batch_size=batch_size,
                                 templates=templates, classnames=classnames, cache_dir=cache_dir)
+    metrics = _with_skipped(metrics, data)
     results.update({f'zeroshot/{data.name}/{k}': v for k, v in metrics.items()})
   for spec in _specs(eval_config.retrieval):
     data = eval_datasets.open_dataset(spec, **common)
     metrics = evaluate_retrieval(data, model, variables, mesh, tokenizer, batch_size=batch_size)
+    metrics = _with_skipped(metrics, data)
     results.update({f'retrieval/{data.name}/{k}': v for k, v in metrics.items()})
   for spec in _specs(eval_config.linear_probe):
     test = eval_datasets.open_dataset(spec, **common)
     train = eval_datasets.open_dataset(spec, **dict(common, split=eval_config.train_split))
     metrics = evaluate_linear_probe(train, test, model, variables, mesh, batch_size=batch_size,
                                     val_fraction=float(eval_config.probe_val_fraction))
+    metrics = _with_skipped(_with_skipped(metrics, train), test)
     results.update({f'linear_probe/{test.name}/{k}': v for k, v in metrics.items()})
   if workdir and results and jax.process_index() == 0:
     print(markdown_table(results))
@@ -180,7 +193,7 @@ def markdown_table(results: dict[str, float]) -> str:
   lines = ['| task | dataset | metric | value |', '|---|---|---|---|']
   for key, value in results.items():
     task, dataset, metric = key.split('/', 2)
-    shown = f'{int(value)}' if metric == 'num_examples' else f'{value:.4g}' if metric == 'C' \
+    shown = f'{int(value)}' if metric.startswith('num_') else f'{value:.4g}' if metric == 'C' \
         else f'{value:.2f}'
     lines.append(f'| {task} | {dataset} | {metric} | {shown} |')
   return '\n'.join(lines)
