@@ -302,6 +302,8 @@ def test_cli_import_export_and_load_every_source(tmp_path, capsys):
     loaded = clip_jax.load(str(path), **options)
     assert_close(loaded.encode_image(pixels), reference[0])
     assert_close(loaded.encode_text(tokens), reference[1])
+  with pytest.raises(ValueError, match=r"cannot override \['embed_dim'\]; the weights fix"):
+    clip_jax.load(str(workdir), embed_dim=32)
 
   out = tmp_path / 'export' / 'small.pth'
   assert main(['export', '--workdir', str(workdir), '--format', 'openai', '--out', str(out)]) == 0
