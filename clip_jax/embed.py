@@ -19,10 +19,12 @@ import time
 
 import jax
 import numpy as np
+from jax.sharding import Mesh
 
 from clip_jax.evaluate.datasets import image_files, list_images
-from clip_jax.evaluate.features import TowerEncoder, encode_arrays, extract_features
-from clip_jax.evaluate.loading import load_for_evaluation
+from clip_jax.evaluate.features import (TowerEncoder, encode_arrays, extract_features,
+                                        fit_batch_size)
+from clip_jax.evaluate.loading import LoadedModel, load_for_evaluation
 from clip_jax.evaluate.run import read_lines
 from clip_jax.sharding import make_mesh
 
@@ -39,7 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   inputs.add_argument('--texts', default='', help='a text file, one caption per line')
   parser.add_argument('--out', required=True, help='the .npy file to write')
   parser.add_argument('--batch_size', type=int, default=256,
-                      help='global batch (a multiple of the device count)')
+                      help='global batch (rounded up to a multiple of the device count)')
   parser.add_argument('--tokenizer', default='',
                       help="clip_bpe or a SentencePiece .model; default: the run's tokenizer")
   parser.add_argument('--no_normalize', action='store_true',
@@ -47,8 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   return parser.parse_args(argv)
 
 
-def embed_images(loaded, folder: str, mesh, batch_size: int, normalize: bool
-                 ) -> tuple[np.ndarray, list[str], list[str]]:
+def embed_images(loaded: LoadedModel, folder: str, mesh: Mesh, batch_size: int,
+                 normalize: bool) -> tuple[np.ndarray, list[str], list[str]]:
   """(embeddings, relative paths of the rows, unreadable files)."""
   files = list_images(folder)
   if not files:
@@ -59,8 +61,9 @@ def embed_images(loaded, folder: str, mesh, batch_size: int, normalize: bool
   return out['features'], [files[i] for i in out['index']], data.skipped
 
 
-def embed_texts(loaded, path: str, mesh, batch_size: int, normalize: bool
+def embed_texts(loaded: LoadedModel, path: str, mesh: Mesh, batch_size: int, normalize: bool
                 ) -> tuple[np.ndarray, list[str]]:
+  """(embeddings, the captions of the rows): one caption per non-empty line of `path`."""
   texts = read_lines(path, 'captions')
   if not texts:
     raise ValueError(f'--texts: {path} holds no non-empty line')
@@ -79,12 +82,13 @@ def main(argv: list[str] | None = None) -> str:
   loaded = load_for_evaluation(mesh, workdir=args.workdir, source=args.source,
                                tokenizer=args.tokenizer)
   normalize = not args.no_normalize
+  batch_size = fit_batch_size(args.batch_size, mesh)
   skipped: list[str] = []
   if args.images:
-    embeddings, names, skipped = embed_images(loaded, args.images, mesh, args.batch_size,
+    embeddings, names, skipped = embed_images(loaded, args.images, mesh, batch_size,
                                               normalize)
   else:
-    embeddings, names = embed_texts(loaded, args.texts, mesh, args.batch_size, normalize)
+    embeddings, names = embed_texts(loaded, args.texts, mesh, batch_size, normalize)
   out = args.out if args.out.endswith('.npy') else args.out + '.npy'
   if jax.process_index() != 0:      # every host computed the same rows; one writes them
     return out

@@ -47,6 +47,7 @@ def test_padded_eval_set_counts_every_sample_once(tiny, mesh):
   assert metrics['top1'] == 100.0
   with pytest.raises(ValueError, match='multiple of the 8 data-parallel devices'):
     next(feat.array_batches({'image': images}, 12, mesh))
+  assert feat.fit_batch_size(12, mesh) == 16 and feat.fit_batch_size(1, mesh) == 8
 
 
 def test_hosts_split_each_global_batch_and_agree_on_batch_count(mesh, monkeypatch):

@@ -17,6 +17,7 @@ import os
 import sys
 
 from clip_jax.config import get_config
+from clip_jax.evaluate.features import fit_batch_size
 from clip_jax.evaluate.loading import load_for_evaluation
 from clip_jax.evaluate.run import TASKS, run_evaluations
 from clip_jax.evaluate.templates import TEMPLATE_SETS
@@ -46,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                            'template per line')
   parser.add_argument('--classnames', default='', help='a file with one class name per line')
   parser.add_argument('--batch_size', type=int, default=defaults.batch_size,
-                      help='global batch (a multiple of the device count)')
+                      help='global batch (rounded up to a multiple of the device count)')
   parser.add_argument('--data_dir', default='', help='TFDS data_dir (nothing is downloaded)')
   parser.add_argument('--max_examples', type=int, default=0, help='per split; 0 = all')
   parser.add_argument('--tokenizer', default='',
@@ -70,9 +71,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                                tokenizer=args.tokenizer)
   eval_config = get_config().eval
   eval_config.update(
-      batch_size=args.batch_size, split=args.split, train_split=args.train_split,
-      templates=args.templates, classnames=args.classnames, data_dir=args.data_dir,
-      max_examples=args.max_examples)
+      batch_size=fit_batch_size(args.batch_size, mesh), split=args.split,
+      train_split=args.train_split, templates=args.templates, classnames=args.classnames,
+      data_dir=args.data_dir, max_examples=args.max_examples)
   for task in args.tasks:
     eval_config[task] = args.dataset
   out = args.out or args.workdir or '.'

@@ -48,6 +48,13 @@ def host_batch_size(global_batch_size: int, mesh: Mesh) -> int:
   return global_batch_size // jax.process_count()
 
 
+def fit_batch_size(batch_size: int, mesh: Mesh) -> int:
+  """`batch_size` rounded up to a multiple of the data-parallel devices (for the CLIs, whose
+  default must work on any device count)."""
+  dp = data_parallel_size(mesh)
+  return max(dp, -(-int(batch_size) // dp) * dp)
+
+
 def pad_batch(batch: Mapping[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
   """Pads every array to `size` rows with zeros; `mask` marks the real rows."""
   n = len(next(iter(batch.values())))
