@@ -15,8 +15,9 @@ Crops:
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
+import numpy as np
 import tensorflow as tf
 
 # OpenAI's CLIP pixel statistics (RGB, on [0, 1]).
@@ -36,13 +37,14 @@ def _decode_full(image_bytes: tf.Tensor) -> tf.Tensor:
 def _square_window(height: tf.Tensor, width: tf.Tensor, seed: tf.Tensor,
                    scale: Sequence[float]) -> tf.Tensor:
   """[top, left, side, side] of a random square of area fraction U(scale) of the largest one."""
-  seeds = tf.random.experimental.stateless_split(seed, 3)
-  fraction = tf.random.stateless_uniform([], seeds[0], float(scale[0]), float(scale[1]))
+  uniforms = tf.random.stateless_uniform([3], seed)     # one draw: area, top, left
+  fraction = scale[0] + (scale[1] - scale[0]) * uniforms[0]
   shorter = tf.minimum(height, width)
   side = tf.cast(tf.round(tf.cast(shorter, tf.float32) * tf.sqrt(fraction)), tf.int32)
   side = tf.clip_by_value(side, 1, shorter)
-  top = tf.random.stateless_uniform([], seeds[1], 0, height - side + 1, tf.int32)
-  left = tf.random.stateless_uniform([], seeds[2], 0, width - side + 1, tf.int32)
+  slack = tf.cast(tf.stack([height - side + 1, width - side + 1]), tf.float32)
+  top, left = tf.unstack(tf.minimum(tf.cast(uniforms[1:] * slack, tf.int32),
+                                    tf.cast(slack, tf.int32) - 1))
   return tf.stack([top, left, side, side])
 
 
@@ -55,11 +57,45 @@ def _random_resized_window(height: tf.Tensor, width: tf.Tensor, seed: tf.Tensor,
   return tf.stack([begin[0], begin[1], size[0], size[1]])
 
 
-def _resize(image: tf.Tensor, height: int | tf.Tensor, width: int | tf.Tensor,
-            method: str) -> tf.Tensor:
-  resized = tf.image.resize(tf.cast(image, tf.float32), tf.stack([height, width]), method=method,
-                            antialias=method != 'nearest')
+def _resize(image: tf.Tensor, height: int | tf.Tensor, width: int | tf.Tensor, method: str,
+            always_antialias: bool = True) -> tf.Tensor:
+  """Resize to float32 [height, width, 3] in [0, 255].
+
+  Antialiasing widens the kernel by the downscale factor and costs 2-4x more; without
+  `always_antialias` it is used only when shrinking by more than 2x (below that the
+  plain kernel's taps already cover the input pixels).
+  """
+  size = tf.stack([height, width])    # (uint8 in, float32 out: no extra pass for a cast)
+  if method == 'nearest':
+    return tf.cast(tf.image.resize(image, size, method=method), tf.float32)
+  if always_antialias:
+    resized = tf.image.resize(image, size, method=method, antialias=True)
+  else:
+    shrink = tf.reduce_min(tf.cast(tf.shape(image)[:2], tf.float32) / tf.cast(size, tf.float32))
+    resized = tf.cond(shrink > 2.0,
+                      lambda: tf.image.resize(image, size, method=method, antialias=True),
+                      lambda: tf.image.resize(image, size, method=method, antialias=False))
   return tf.clip_by_value(resized, 0.0, 255.0)
+
+
+_JPEG_RATIOS = (1, 2, 4, 8)
+
+
+def _decode_and_crop_jpeg_scaled(image_bytes: tf.Tensor, crop_window: tf.Tensor,
+                                 image_size: int) -> tf.Tensor:
+  """Decodes only the crop window, downscaled in the DCT domain by the largest of
+  1/2/4/8 that keeps its shorter side >= image_size (libjpeg's scaled IDCT: a box-like
+  filter, several times cheaper than a full decode followed by an antialiased resize)."""
+  shorter = tf.minimum(crop_window[2], crop_window[3])
+  index = tf.reduce_sum(tf.cast(
+      tf.stack([shorter // r >= image_size for r in _JPEG_RATIOS[1:]]), tf.int32))
+
+  def branch(ratio: int) -> Callable[[], tf.Tensor]:
+    # With a ratio, decode_and_crop_jpeg reads the window in downscaled pixels.
+    return lambda: tf.io.decode_and_crop_jpeg(image_bytes, crop_window // ratio, channels=3,
+                                              ratio=ratio)
+
+  return tf.switch_case(index, [branch(r) for r in _JPEG_RATIOS])
 
 
 def decode_random_crop(image_bytes: tf.Tensor, seed: tf.Tensor, image_size: int, *,
@@ -78,7 +114,7 @@ def decode_random_crop(image_bytes: tf.Tensor, seed: tf.Tensor, image_size: int,
 
   def jpeg() -> tf.Tensor:
     crop_window = window(tf.io.extract_jpeg_shape(image_bytes))
-    return tf.io.decode_and_crop_jpeg(image_bytes, crop_window, channels=3)
+    return _decode_and_crop_jpeg_scaled(image_bytes, crop_window, image_size)
 
   def other() -> tf.Tensor:
     image = _decode_full(image_bytes)
@@ -90,7 +126,7 @@ def decode_random_crop(image_bytes: tf.Tensor, seed: tf.Tensor, image_size: int,
                      'random_resized')
   cropped = tf.cond(tf.io.is_jpeg(image_bytes), jpeg, other)
   cropped.set_shape([None, None, 3])
-  resized = _resize(cropped, image_size, image_size, method)
+  resized = _resize(cropped, image_size, image_size, method, always_antialias=False)
   resized.set_shape([image_size, image_size, 3])
   return resized
 
@@ -118,5 +154,14 @@ def decode_center_crop(image_bytes: tf.Tensor, image_size: int,
 
 
 def normalize(image: tf.Tensor) -> tf.Tensor:
-  """[0, 255] RGB -> CLIP-normalised float32."""
-  return (tf.cast(image, tf.float32) / 255.0 - CLIP_MEAN) / CLIP_STD
+  """[0, 255] RGB [H, W, 3] -> CLIP-normalised float32, (x / 255 - mean) / std.
+
+  The per-channel constants are tiled to a [W, 3] row when W is static: broadcasting
+  a [3] vector is several times slower in Eigen than broadcasting rows.
+  """
+  scale = np.array([1.0 / (255.0 * s) for s in CLIP_STD], np.float32)
+  shift = np.array([m / s for m, s in zip(CLIP_MEAN, CLIP_STD)], np.float32)
+  width = image.shape[-2]
+  if width is not None:
+    scale, shift = np.tile(scale, (width, 1)), np.tile(shift, (width, 1))
+  return tf.cast(image, tf.float32) * scale - shift
