@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from clip_jax import train_step
+from clip_jax import optim, train_step
 from clip_jax.config import get_config
 from clip_jax.models.clip import build_model
 from clip_jax.models.params import flatten_names
@@ -175,10 +175,21 @@ def test_train_step_metrics_temperature_clip_and_donation(setup):
 def test_resnet_batch_stats_are_carried_through_the_step():
   config = small_config('softmax', vision='resnet')
   model = build_model(config.model)
-  mesh = make_mesh((4, 2, 1))
-  state, shardings = train_step.create_train_state(config, model, mesh, jax.random.key(0))
-  host = jax.device_get(state)
+  mesh = make_mesh((8, 1, 1))
+  # Random host values instead of create_train_state: the init program of even a small
+  # ResNet takes long to compile on CPU, and creation is tested above.
+  abstract, shardings = train_step.train_state_shardings(config, model, mesh)
+  rng = np.random.default_rng(0)
+  host = abstract.replace(
+      step=np.int32(0), opt_state=None,
+      params=jax.tree_util.tree_map(
+          lambda x: rng.normal(0, 0.2, x.shape).astype(np.float32), abstract.params),
+      batch_stats=jax.tree_util.tree_map(
+          lambda x: np.full(x.shape, 0.5, np.float32), abstract.batch_stats))
   assert host.batch_stats, 'the ResNet has BatchNorm statistics'
+  opt_state = jax.jit(optim.make_optimizer(config).init,
+                      out_shardings=shardings.opt_state)(host.trainable)
+  state = jax.device_put(host.replace(opt_state=opt_state), shardings)
   batch = make_batch(config)
 
   @jax.jit
