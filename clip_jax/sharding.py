@@ -1,4 +1,4 @@
-"""Device mesh and the shardings of batches (parameter rules are added beside these).
+"""Device mesh, the shardings of batches, and the placement rules of parameters.
 
 The mesh has three axes: `data` (pure data parallel), `fsdp` (data parallel with
 parameters and optimizer state sharded), `model` (tensor parallel). A batch is split
@@ -100,8 +100,8 @@ class ShardingRules:
 
 def rules_from_config(mesh_config: Any) -> ShardingRules:
   """`config.mesh` -> ShardingRules, checking the shapes of the rule lists."""
-  def pairs(key: str) -> tuple[tuple[str, str], ...]:
-    value = mesh_config.get(key, ())
+  def pairs(key: str, default: tuple[tuple[str, str], ...] = ()) -> tuple[tuple[str, str], ...]:
+    value = mesh_config.get(key, default)
     out = []
     for item in value:
       if len(item) != 2:
@@ -114,7 +114,7 @@ def rules_from_config(mesh_config: Any) -> ShardingRules:
     except re.error as e:
       raise ValueError(f'config.mesh.param_rules: bad regex {pattern!r}: {e}') from None
   return ShardingRules(param_rules=pairs('param_rules'),
-                       logical_rules=pairs('logical_rules'),
+                       logical_rules=pairs('logical_rules', DEFAULT_LOGICAL_RULES),
                        fsdp_axis=mesh_config.get('fsdp_axis', 'fsdp'),
                        fsdp_min_size=int(mesh_config.get('fsdp_min_size', 2 ** 12)))
 
