@@ -2,6 +2,7 @@
 shapes and values, two hosts, planted corrupt samples, exact resume, eval padding."""
 
 import io
+import json
 import os
 
 import ml_collections
@@ -10,7 +11,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from clip_jax import config as config_lib
-from clip_jax.data import pipeline, preprocess, shards, sources, tokenizers
+from clip_jax.data import delivery, pipeline, preprocess, shards, sources, tokenizers
 
 NUM_RECORDS = 48
 CORRUPT = {3, 14, 25, 36}          # undecodable image bytes (random, or a truncated JPEG)
@@ -156,6 +157,16 @@ def test_same_seed_same_stream_and_exact_resume(shard_dir, bpe):
   # restore() on a used iterator rewinds it too; a state from other data is refused.
   reference.restore(state)
   np.testing.assert_array_equal(next(reference)['label'], batches[10]['label'])
+  # The all-hosts form (delivery.all_host_states) restores each host from its own entry.
+  host_states = delivery.all_host_states(state)
+  assert host_states == {'hosts': {'0': state}} and json.loads(json.dumps(host_states)) == host_states
+  reference.restore(host_states)
+  np.testing.assert_array_equal(next(reference)['label'], batches[10]['label'])
+  second_host = pipeline.make_train_iterator(config, bpe, process_index=1, process_count=2)
+  with pytest.raises(ValueError, match='no entry for host 1'):
+    second_host.restore(host_states)
+  with pytest.raises(ValueError, match='fingerprint'):
+    second_host.restore(state)           # host 0's position is not host 1's
   config.data.cycle_length = 3
   with pytest.raises(ValueError, match='fingerprint'):
     pipeline.make_train_iterator(config, bpe, process_index=0, process_count=1, state=state)

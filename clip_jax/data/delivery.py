@@ -8,6 +8,7 @@ one `[global_batch, ...]` array per key, split over the data-parallel mesh axes.
 
 from __future__ import annotations
 
+import json
 import queue
 import threading
 from typing import Any, Iterator, Mapping
@@ -134,6 +135,29 @@ class MeshPrefetcher:
     stop = getattr(self, '_stop', None)   # absent when __init__ refused its arguments
     if stop is not None:
       stop.set()
+
+
+_STATE_BYTES = 4096
+
+
+def all_host_states(state: Mapping[str, Any]) -> dict[str, Any]:
+  """Every host's data-iterator state as `{'hosts': {'<process index>': state}}`.
+
+  Each host reads its own files, so each has its own position; a checkpoint needs all
+  of them. A collective when there are several processes: call it on every host (e.g.
+  where the checkpoint is saved). `TrainIterator.restore` picks its own entry.
+  """
+  if jax.process_count() == 1:
+    return {'hosts': {str(jax.process_index()): dict(state)}}
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  encoded = json.dumps(dict(state)).encode('utf-8')
+  if len(encoded) > _STATE_BYTES:
+    raise ValueError(f'all_host_states: state of {len(encoded)} bytes exceeds {_STATE_BYTES}')
+  row = np.zeros(_STATE_BYTES, np.uint8)
+  row[:len(encoded)] = np.frombuffer(encoded, np.uint8)
+  rows = np.asarray(multihost_utils.process_allgather(row))
+  return {'hosts': {str(i): json.loads(bytes(r).rstrip(b'\0').decode('utf-8'))
+                    for i, r in enumerate(rows)}}
 
 
 def prefetch_to_mesh(iterator: Iterator[Mapping[str, np.ndarray]], sharding: ShardingLike,

@@ -199,14 +199,22 @@ class TrainIterator:
   """
 
   def __init__(self, build: Callable[[Mapping[str, int]], tf.data.Dataset], fingerprint: str,
-               state: Mapping[str, Any] | None = None):
+               state: Mapping[str, Any] | None = None, process_index: int = 0):
     self._build = build
     self._fingerprint = fingerprint
+    self._process_index = process_index
     self._iterator: Iterator[dict[str, np.ndarray]] | None = None
     self.restore(state or initial_state())
 
   def restore(self, state: Mapping[str, Any]) -> None:
-    """Continues from `state` (from `state_dict()` of an iterator over the same data)."""
+    """Continues from `state`: a `state_dict()` of an iterator over the same data, or
+    `delivery.all_host_states(...)` of all hosts (this host's entry is used)."""
+    if 'hosts' in state:
+      hosts = state['hosts']
+      if str(self._process_index) not in hosts:
+        raise ValueError(f'data iterator state: no entry for host {self._process_index} (saved '
+                         f'for hosts {", ".join(sorted(hosts))}); resume with as many hosts')
+      state = hosts[str(self._process_index)]
     saved = state.get('fingerprint', self._fingerprint)
     if saved != self._fingerprint:
       raise ValueError('data iterator state: it was saved for another file list, seed, host '
@@ -309,7 +317,7 @@ def make_train_iterator(config: Any, tokenizer: Tokenizer | None = None, *,
       image_size=int(config.model.vision.image_size), tokenizer=tokenizer,
       seed=int(config.seed), process_index=process_index, process_count=process_count,
       state=position, **options)
-  return TrainIterator(build, fingerprint, state)
+  return TrainIterator(build, fingerprint, state, process_index)
 
 
 def _count_records(source: Source, files: list[str]) -> int:
