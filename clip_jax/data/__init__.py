@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from clip_jax.data.delivery import MeshPrefetcher, prefetch_to_mesh, to_global
+from clip_jax.data.delivery import MeshPrefetcher, all_host_states, prefetch_to_mesh, to_global
 from clip_jax.data.tokenizers import (ClipBpeTokenizer, SentencePieceTokenizer, get_tokenizer,
                                       train_sentencepiece)
 
@@ -30,5 +30,5 @@ def __getattr__(name: str) -> Any:
   raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
 
 
-__all__ = ['ClipBpeTokenizer', 'MeshPrefetcher', 'SentencePieceTokenizer', 'get_tokenizer',
+__all__ = ['ClipBpeTokenizer', 'MeshPrefetcher', 'all_host_states', 'SentencePieceTokenizer', 'get_tokenizer',
            'prefetch_to_mesh', 'to_global', 'train_sentencepiece', *_LAZY]
