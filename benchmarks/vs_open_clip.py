@@ -8,12 +8,20 @@ the same machine: open_clip with `ClipLoss(local_loss=True, gather_with_grad=Tru
 AdamW (0.9, 0.98, eps 1e-6, decay 0.2 on weights only), global-norm clipping at 1.0 and
 the temperature clamp of its training loop; clip_jax with its jitted, donated train
 step (`clip_jax.train_step`) and the same recipe (`clip_jax.config`). Batches are
-synthetic and already on the device for both.
+synthetic and already on the device for both. Precision follows `--set dtype=...`:
+float32, or bfloat16 compute with float32 weights (torch autocast = open_clip's
+`amp_bf16`). On a GPU host both run on the GPU (`--set dtype=bfloat16`, e.g. ViT-B/16
+at the largest batch that fits both); this path has not been run here (no GPU).
 
 To keep machine noise from favouring either side the two run interleaved: `--rounds`
 rounds of `--steps` steps each, alternating which framework goes first; the reported
 time of each is the median over all its timed steps (the first step of every block is
 dropped: it can meet the other framework's thread pool still spinning down).
+
+On a machine shared with other jobs, OpenMP's spinning barriers make PyTorch's
+multi-threaded step many times slower (seen here: tiny 1.2-8.9 s per step with 2
+threads, 0.16-0.3 s with 1, under a load average of 15 on 2 cores), which would flatter
+clip_jax; pin both to one core there (`taskset -c 0 ... --torch_threads=1`).
 
 The last line is `ratio clip_jax/open_clip step time: X.XX` (below 1: clip_jax faster).
 """
@@ -56,11 +64,16 @@ def build_open_clip(model_config: Any) -> torch.nn.Module:
               quick_gelu=model_config.activation == 'quick_gelu')
 
 
-def open_clip_step(config: Any, batch: dict[str, np.ndarray]) -> Callable[[], float]:
-  """A closure running one open_clip training step (open_clip_train's recipe)."""
+def open_clip_step(config: Any, batch: dict[str, np.ndarray], device: str
+                   ) -> Callable[[], float]:
+  """A closure running one open_clip training step (open_clip_train's recipe).
+
+  With `config.model.dtype == 'bfloat16'` the forward runs under `torch.autocast`
+  (bfloat16 compute, float32 master weights: open_clip's `--precision amp_bf16`).
+  """
   from open_clip.loss import ClipLoss  # pylint: disable=import-outside-toplevel
   torch.manual_seed(config.seed)
-  model = build_open_clip(config.model)
+  model = build_open_clip(config.model).to(device)
   model.train()
   # open_clip_train.main: no decay for gains, biases, ndim < 2 and logit_scale.
   exclude = lambda n, p: p.ndim < 2 or 'bn' in n or 'ln' in n or 'bias' in n or 'logit_scale' in n
@@ -71,20 +84,22 @@ def open_clip_step(config: Any, batch: dict[str, np.ndarray]) -> Callable[[], fl
        {'params': [p for n, p in named if not exclude(n, p)], 'weight_decay': oc.weight_decay}],
       lr=oc.learning_rate, betas=(oc.b1, oc.b2), eps=oc.eps)
   loss_fn = ClipLoss(local_loss=True, gather_with_grad=True, rank=0, world_size=1)
-  images = torch.from_numpy(batch['image']).permute(0, 3, 1, 2).contiguous()   # NCHW
-  texts = torch.from_numpy(batch['text']).long()
+  images = torch.from_numpy(batch['image']).permute(0, 3, 1, 2).contiguous().to(device)  # NCHW
+  texts = torch.from_numpy(batch['text']).long().to(device)
+  bf16 = config.model.get('dtype', 'float32') == 'bfloat16'
   max_scale = math.log(100.0)
 
   def step() -> float:
     optimizer.zero_grad(set_to_none=True)
-    image_features, text_features, logit_scale = model(images, texts)[:3]
-    loss = loss_fn(image_features, text_features, logit_scale)
+    with torch.autocast(device.split(':')[0], dtype=torch.bfloat16, enabled=bf16):
+      image_features, text_features, logit_scale = model(images, texts)[:3]
+      loss = loss_fn(image_features, text_features, logit_scale)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), oc.grad_clip_norm, norm_type=2.0)
     optimizer.step()
     with torch.no_grad():
       model.logit_scale.clamp_(0, max_scale)
-    return float(loss.detach())
+    return float(loss.detach())    # a host read: waits for the step, as jax's block
   return step
 
 
@@ -121,12 +136,18 @@ def main() -> None:
   parser.add_argument('--rounds', type=int, default=3, help='alternating blocks per framework')
   parser.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
                       help='clip_jax model option, e.g. --set scan_layers=True')
+  parser.add_argument('--torch_threads', type=int, default=0,
+                      help='torch.set_num_threads (0: torch default). On a shared machine '
+                      'run `taskset -c 0 ... --torch_threads=1` for a one-core comparison '
+                      '(JAX sizes its thread pool from the CPU affinity)')
   parser.add_argument('--output', default='', help='also write the JSON result here')
   args = parser.parse_args()
 
   if jax.device_count() != 1:
     raise SystemExit(f'vs_open_clip: expected one JAX device (open_clip runs on one), found '
                      f'{jax.device_count()}; unset --xla_force_host_platform_device_count')
+  if args.torch_threads:
+    torch.set_num_threads(args.torch_threads)
   overrides = {}
   for item in args.set:
     key, sep, value = item.partition('=')
@@ -134,11 +155,14 @@ def main() -> None:
       raise SystemExit(f'--set: expected KEY=VALUE, got {item!r}')
     overrides[key] = {'True': True, 'False': False}.get(value, value)
   config = base_config.get_config(args.model, **overrides)
-  if config.model.get('dtype', 'float32') != 'float32':
-    raise SystemExit('--set dtype: this comparison runs both frameworks in float32')
+  dtype = config.model.get('dtype', 'float32')
+  if dtype not in ('float32', 'bfloat16'):
+    raise SystemExit(f'--set dtype: expected float32 or bfloat16, got {dtype!r}')
+  # The same kind of device for both: a GPU when JAX has one (and torch sees CUDA).
+  device = 'cuda' if jax.default_backend() == 'gpu' and torch.cuda.is_available() else 'cpu'
   host_batch = benchmark.synthetic_batch(config.model, args.batch, config.seed)
 
-  torch_step = open_clip_step(config, host_batch)
+  torch_step = open_clip_step(config, host_batch, device)
   jax_step, compile_s = clip_jax_step(config, args.batch)
   torch_step()
   jax_step()                                       # warm-up: allocator, caches
@@ -150,9 +174,10 @@ def main() -> None:
 
   medians = {k: statistics.median(v) for k, v in times.items()}
   result = {
-      'model': config.model.name, 'batch': args.batch, 'precision': 'float32',
+      'model': config.model.name, 'batch': args.batch, 'precision': dtype,
+      'device': device, 'jax_device': jax.devices()[0].device_kind,
       'jax_overrides': overrides, 'clip_jax_compile_s': compile_s,
-      'torch_threads': torch.get_num_threads(), 'cpu_count': os.cpu_count(),
+      'torch_threads': torch.get_num_threads(), 'cpus_allowed': len(os.sched_getaffinity(0)),
       'xla_flags': os.environ.get('XLA_FLAGS', ''),
       **{f'{k}_step_s_median': m for k, m in medians.items()},
       **{f'{k}_step_s_all': v for k, v in times.items()},

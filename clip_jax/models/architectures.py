@@ -64,7 +64,7 @@ MODEL_DEFAULTS: dict[str, Any] = dict(
     dtype='float32',              # compute dtype; parameters stay float32.
     remat_policy='none',          # 'none' | 'full' | 'dots' | 'dots_no_batch' | 'save_attn_out'.
     scan_layers=False,            # nn.scan over transformer blocks (faster compile).
-    attention_impl='xla',         # passed to jax.nn.dot_product_attention ('xla' | 'cudnn' | None).
+    attention_impl='xla',         # 'xla' (einsum-softmax, layers.attention) | 'cudnn' | None.
     logit_scale_init=math.log(1 / 0.07),
     logit_scale_max=math.log(100.0),
     # Text features at the end-of-text token: 'argmax' (OpenAI: EOT has the

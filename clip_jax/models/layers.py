@@ -79,6 +79,28 @@ class MLP(nn.Module):
                     bias_init=logical(nn.initializers.zeros, ('embed',)))(x)
 
 
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool, impl: str | None
+              ) -> jax.Array:
+  """Multi-head attention of [B, T, heads, head_dim] inputs (keys may have S != T).
+
+  impl 'xla' is the plain einsum -> float32 softmax -> einsum, which XLA compiles well
+  on every backend: `jax.nn.dot_product_attention`'s own 'xla' path reshapes for
+  grouped-query attention, and the extra batch axis roughly doubles the time of its
+  small batched matmuls on CPU (BENCHMARKS.md, 'Optimisations'). Any other impl
+  ('cudnn', or None to let JAX choose) calls `jax.nn.dot_product_attention`.
+  """
+  if impl != 'xla':
+    return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation=impl)
+  logits = jnp.einsum('bthd,bshd->bhts', q, k,
+                      preferred_element_type=jnp.promote_types(q.dtype, jnp.float32))
+  logits = logits * q.shape[-1] ** -0.5
+  if causal:
+    visible = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool))
+    logits = jnp.where(visible, logits, jnp.finfo(logits.dtype).min)
+  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  return jnp.einsum('bhts,bshd->bthd', weights, v)
+
+
 class MultiHeadAttention(nn.Module):
   """Self-attention with one fused q/k/v projection.
 
@@ -101,8 +123,7 @@ class MultiHeadAttention(nn.Module):
         kernel_init=logical(normal(self.in_std), ('embed', 'qkv', 'heads', 'head_dim')),
         bias_init=logical(nn.initializers.zeros, ('qkv', 'heads', 'head_dim')))(x)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]     # [B, T, heads, head_dim]
-    out = jax.nn.dot_product_attention(
-        q, k, v, is_causal=self.causal, implementation=self.attention_impl)
+    out = attention(q, k, v, self.causal, self.attention_impl)
     out = checkpoint_name(out, 'attn_out')
     return nn.DenseGeneral(
         width, axis=(-2, -1), dtype=self.dtype, name='out',

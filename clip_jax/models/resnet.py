@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from clip_jax.models.layers import REMAT_POLICIES, Dtype, logical, normal
+from clip_jax.models.layers import REMAT_POLICIES, Dtype, attention, logical, normal
 
 _CONV_AXES = (None, None, 'conv_in', 'conv_out')
 
@@ -90,7 +90,7 @@ class AttentionPool2d(nn.Module):
     q = split(dense(channels, 'q_proj', 'embed', 'mlp')(x[:, :1]))
     k = split(dense(channels, 'k_proj', 'embed', 'mlp')(x))
     v = split(dense(channels, 'v_proj', 'embed', 'mlp')(x))
-    out = jax.nn.dot_product_attention(q, k, v, implementation=self.attention_impl)
+    out = attention(q, k, v, causal=False, impl=self.attention_impl)
     out = out.reshape(batch, channels)
     return dense(self.output_dim, 'c_proj', 'mlp', 'proj')(out)
 
