@@ -85,8 +85,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool, impl: str 
 
   impl 'xla' is the plain einsum -> float32 softmax -> einsum, which XLA compiles well
   on every backend: `jax.nn.dot_product_attention`'s own 'xla' path reshapes for
-  grouped-query attention, and the extra batch axis roughly doubles the time of its
-  small batched matmuls on CPU (BENCHMARKS.md, 'Optimisations'). Any other impl
+  grouped-query attention, and its extra batch axis costs 14-30% more CPU time per
+  forward+backward at ViT-B/32's shapes (BENCHMARKS.md, 'Optimisations'). Any other impl
   ('cudnn', or None to let JAX choose) calls `jax.nn.dot_product_attention`.
   """
   if impl != 'xla':
