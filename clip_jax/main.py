@@ -23,14 +23,40 @@ from ml_collections import config_flags
 # configs/ sits beside the package in a clone (pip install -e .).
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(REPO, 'configs', 'tiny.py')
+# config_flags reports an unknown or mistyped --config.KEY=VALUE with these.
+_OVERRIDE_ERRORS = (AttributeError, KeyError, TypeError, ValueError)
 
-config_flags.DEFINE_config_file(
-    'config', DEFAULT_CONFIG,
-    'Experiment config file (configs/*.py); override any key with --config.KEY=VALUE.',
-    lock_config=True)
-flags.DEFINE_string('workdir', './workdir',
-                    'Where config.json, checkpoints, metrics and TensorBoard files go '
-                    '(local path or gs://); an existing one is resumed.')
+
+def define_flags() -> None:
+  """--config (with --config.KEY=VALUE overrides, read from sys.argv) and --workdir."""
+  config_flags.DEFINE_config_file(
+      'config', DEFAULT_CONFIG,
+      'Experiment config file (configs/*.py); override any key with --config.KEY=VALUE.',
+      lock_config=True)
+  flags.DEFINE_string('workdir', './workdir',
+                      'Where config.json, checkpoints, metrics and TensorBoard files go '
+                      '(local path or gs://); an existing one is resumed.')
+
+
+def _fail(message: str) -> None:
+  print(f'error: {message}\nPass --help for the flags.', file=sys.stderr, flush=True)
+  sys.exit(2)
+
+
+def _override_message(error: BaseException) -> str:
+  # KeyError/AttributeError wrap their text in quotes and escape its newlines.
+  return ' '.join(str(error).strip('\'"').replace('\\n', ' ').replace("\\'", "'").split())
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing with a one-line error instead of a traceback."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as error:
+    _fail(str(error))
+  except _OVERRIDE_ERRORS as error:
+    _fail(f'bad --config override: {_override_message(error)}')
+  return []
 
 
 def _quiet_orbax(record: logging.LogRecord) -> bool:
@@ -43,16 +69,20 @@ def main(argv: list[str]) -> int:
     raise app.UsageError(f'unexpected arguments {argv[1:]}; settings go in '
                          '--config.KEY=VALUE flags')
   absl_logging.get_absl_handler().addFilter(_quiet_orbax)
-  # First thing: several processes (a pod slice, a GPU cluster) must meet before JAX runs.
+  try:
+    config = flags.FLAGS.config
+    config.get('model')   # a config file that failed to load raises here
+  except OSError as error:
+    _fail(f'--config: {error}')
+  # First thing that touches JAX: several processes (a pod slice, a GPU cluster) meet.
   from clip_jax import distributed  # pylint: disable=import-outside-toplevel
   distributed.initialize()
   from clip_jax import train  # pylint: disable=import-outside-toplevel
   workdir = flags.FLAGS.workdir
-  config_file = flags.FLAGS['config'].config_filename
-  print(f'config: {config_file}\nworkdir: {os.path.abspath(workdir)}\n{distributed.describe()}',
-        flush=True)
+  print(f'config: {flags.FLAGS["config"].config_filename}\n'
+        f'workdir: {os.path.abspath(workdir)}\n{distributed.describe()}', flush=True)
   try:
-    train.train_and_evaluate(flags.FLAGS.config, workdir)
+    train.train_and_evaluate(config, workdir)
   except (ValueError, FileNotFoundError, FloatingPointError) as error:
     # Bad config or input, refused workdir, NaN loss: the message says what to change.
     print(f'error: {error}', file=sys.stderr, flush=True)
@@ -61,4 +91,8 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == '__main__':
-  app.run(main)
+  try:
+    define_flags()
+  except _OVERRIDE_ERRORS as error:
+    _fail(f'bad --config override: {_override_message(error)}')
+  app.run(main, flags_parser=parse_flags)
