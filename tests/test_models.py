@@ -149,7 +149,9 @@ def test_remat_keeps_outputs_and_gradients(policy, scan):
   loss_b, grads_b = jax.jit(jax.value_and_grad(_loss_fn(build_model(cfg_remat), variables)))(
       variables['params'], images, tokens)
   np.testing.assert_allclose(loss_a, loss_b, rtol=1e-6)
-  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), grads_a,
+  # Equal up to float32 re-association (recomputed activations may fuse differently).
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                         grads_a,
                          grads_b)
 
 
