@@ -304,7 +304,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
   def save(step: int, state: TrainState, loss: float) -> None:
     # The data position after the last batch taken: exactly where a resumed run goes on.
-    meta = {'data': batches.state_dict(), 'loss': loss, 'num_skipped': batches.num_skipped}
+    # Every host reads its own files, so every host's position is saved (a collective).
+    meta = {'data': delivery.all_host_states(batches.state_dict()), 'loss': loss,
+            'num_skipped': batches.num_skipped}
     ckpt.save(step, model_variables(state), optimizer_item(state), meta, force=True)
 
   # 3. The loop. A step's metrics are read one step later, so reading them never
