@@ -2,17 +2,9 @@
 example of an eval set that does not fill the last global batch is counted exactly once,
 in global order, on both hosts."""
 
-import json
-import os
-import subprocess
-import sys
-
 import numpy as np
 
-from test_multihost import _free_port   # the same localhost coordinator as the train-step test
-
-TESTS = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(TESTS)
+from localhost_workers import run_two_workers
 
 WORKER = r'''
 import json, sys
@@ -55,27 +47,7 @@ print('RESULT ' + json.dumps(dict(
 
 
 def test_two_hosts_count_every_example_once_in_global_order(tmp_path):
-  script = tmp_path / 'worker.py'
-  script.write_text(WORKER)
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
-             JAX_PLATFORMS='cpu')
-  address = f'127.0.0.1:{_free_port()}'
-  procs = [subprocess.Popen([sys.executable, str(script), address, str(i), REPO],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for i in range(2)]
-  outputs = []
-  try:
-    for p in procs:
-      outputs.append(p.communicate(timeout=300)[0])
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-        p.communicate()
-  results = []
-  for p, out in zip(procs, outputs):
-    assert p.returncode == 0, out[-3000:]
-    results.append(json.loads(next(l for l in out.splitlines() if l.startswith('RESULT '))[7:]))
+  results = run_two_workers(WORKER, tmp_path, timeout=300)
   results.sort(key=lambda r: r['process'])
   # Each host read only its own rows, the two together every row once.
   assert sorted(results[0]['loaded'] + results[1]['loaded']) == list(range(21))

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from test_multihost import _free_port   # a free localhost port for the coordinator
+from localhost_workers import free_port
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 LAUNCH = REPO / 'launch' / 'gpu' / 'launch.sh'
@@ -34,7 +34,7 @@ def test_two_processes_train_tiny_through_the_launcher(tmp_path):
       '--config.batch_size=8', '--config.builtin.num_train=64', '--config.builtin.num_shards=2',
       f'--config.checkpoint.every_steps={STEPS}', '--config.log.every_steps=1',
       '--config.log.tensorboard=False', '--config.eval.zeroshot=']
-  coordinator = f'127.0.0.1:{_free_port()}'
+  coordinator = f'127.0.0.1:{free_port()}'
   logs = [tmp_path / f'process_{i}.log' for i in range(NUM_PROCESSES)]
   processes = []
   for process_id, log in enumerate(logs):

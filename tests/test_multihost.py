@@ -1,12 +1,6 @@
 """Two processes on localhost (4 fake CPU devices each) run the sharded step together and
 reproduce the single-process loss."""
 
-import json
-import os
-import socket
-import subprocess
-import sys
-
 import jax
 import numpy as np
 import pytest
@@ -14,10 +8,8 @@ import pytest
 from clip_jax import distributed
 from clip_jax.models.clip import build_model, init_variables
 from test_losses import reference_loss
+from localhost_workers import run_two_workers
 from test_train_step import make_batch, small_config
-
-TESTS = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(TESTS)
 
 WORKER = r'''
 import json, sys
@@ -51,36 +43,9 @@ print('RESULT ' + json.dumps(dict(
 '''
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_reproduce_the_single_process_loss(tmp_path):
-  script = tmp_path / 'worker.py'
-  script.write_text(WORKER)
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
-             JAX_PLATFORMS='cpu')
-  address = f'127.0.0.1:{_free_port()}'
-  procs = [subprocess.Popen([sys.executable, str(script), address, str(i), REPO, TESTS],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for i in range(2)]
-  outputs = []
-  try:
-    for p in procs:
-      outputs.append(p.communicate(timeout=400)[0])
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-        p.communicate()
-  results = []
-  for p, out in zip(procs, outputs):
-    assert p.returncode == 0, out[-3000:]
-    results.append(json.loads(next(line for line in out.splitlines()
-                                   if line.startswith('RESULT '))[len('RESULT '):]))
+  results = run_two_workers(WORKER, tmp_path, timeout=400)
   assert sorted(r['process'] for r in results) == [0, 1]
   assert all(r['processes'] == 2 and r['devices'] == 8 and r['local_devices'] == 4
              for r in results)
