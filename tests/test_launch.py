@@ -93,7 +93,8 @@ def test_create_direct_and_queued_spot():
 def test_setup_copies_the_checkout_and_installs_on_every_worker(tmp_path):
   cmds = _commands(_run(TPU / 'setup.sh', *ZONE_FLAGS, '--dry-run', env=_env(TMPDIR=str(tmp_path))))
   tar, scp, ssh = cmds
-  assert tar[0] == 'tar' and str(REPO) in tar and '--exclude-vcs-ignores' in tar
+  # The archive holds git's file list (never a .venv or workdir inside the checkout).
+  assert tar[0] == 'tar' and str(REPO) in tar and '-T' in tar and '--null' in tar
   assert scp[:5] == ['gcloud', 'compute', 'tpus', 'tpu-vm', 'scp'] and '--worker=all' in scp
   assert scp[5] == tar[2] and scp[6] == 'pod:clip_jax.tar.gz'
   assert ssh[:6] == ['gcloud', 'compute', 'tpus', 'tpu-vm', 'ssh', 'pod'] and '--worker=all' in ssh

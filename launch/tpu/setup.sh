@@ -16,8 +16,19 @@ setup_workers() {
   local flags archive
   mapfile -t flags < <(location_flags)
   archive="${TMPDIR:-/tmp}/clip_jax_${TPU_NAME}.tar.gz"
-  run tar -czf "${archive}" -C "${REPO_DIR}" --exclude-vcs --exclude-vcs-ignores \
-    --exclude=__pycache__ .
+  if git -C "${REPO_DIR}" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+    # git's own list (tracked + untracked, less what .gitignore names): a virtual
+    # environment or a workdir inside the checkout (gigabytes) is never shipped.
+    # tar's --exclude-vcs-ignores does not understand patterns such as '/.venv/'.
+    local files="${TMPDIR:-/tmp}/clip_jax_${TPU_NAME}.files"
+    if [[ "${DRY_RUN}" != 1 ]]; then
+      git -C "${REPO_DIR}" ls-files -z --cached --others --exclude-standard >"${files}"
+    fi
+    run tar -czf "${archive}" -C "${REPO_DIR}" --null -T "${files}"
+  else
+    run tar -czf "${archive}" -C "${REPO_DIR}" --exclude=.venv --exclude=workdir \
+      --exclude=__pycache__ .
+  fi
   run "${GCLOUD}" compute tpus tpu-vm scp "${archive}" "${TPU_NAME}:clip_jax.tar.gz" \
     "${flags[@]}" --worker=all
   local install
