@@ -136,7 +136,8 @@ def test_resume_onto_another_mesh(tmp_path, data_dir, capsys):
   assert 'fsdp' in jax.tree.leaves(tuple(kernel.sharding.spec)) and kernel.sharding.spec != P()
   np.testing.assert_array_equal(
       kernel, saved['params']['visual']['transformer']['resblocks_0']['mlp']['c_fc']['kernel'])
-  assert int(state.step) == 4 and meta['data']['emitted'] == 4 * 64
+  # Every host's data position (one host here), each exactly after the 4 batches taken.
+  assert int(state.step) == 4 and meta['data']['hosts']['0']['emitted'] == 4 * 64
   capsys.readouterr()
   result = train.train_and_evaluate(second, str(tmp_path))
   assert 'resumed from step 4' in capsys.readouterr().out
