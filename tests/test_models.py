@@ -24,17 +24,19 @@ PARAMS = {'RN50': (102007137, 38316896), 'RN101': (119688033, 56259936),
           'ViT-L/14@336': (427944193, 304293888)}
 
 
-def test_reference_table_agrees_with_shared_file():
+def reference_counts():
+  """OpenAI's counts from ../shared/reference when it is beside the checkout (CI), else
+  the same figures kept above."""
   if not os.path.exists(REFERENCE):
-    pytest.skip('shared/reference is not beside this checkout')
+    return PARAMS
   ref = json.load(open(REFERENCE))['models']
-  assert {n: (m['params'], m['visual_params']) for n, m in ref.items()} == PARAMS
+  return {n: (m['params'], m['visual_params']) for n, m in ref.items()}
 
 
 @pytest.mark.parametrize('name', OPENAI_NAMES)
 def test_openai_parameter_counts(name):
   shapes = param_shapes(model_config(name))
-  total, visual = PARAMS[name]
+  total, visual = reference_counts()[name]
   params = shapes['params']
   assert count_params(params) == total
   assert count_params(params['visual']) == visual
