@@ -20,9 +20,8 @@ from typing import Callable, Sequence
 import numpy as np
 import tensorflow as tf
 
-# OpenAI's CLIP pixel statistics (RGB, on [0, 1]).
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# OpenAI's CLIP pixel statistics (RGB, on [0, 1]), kept once with the architectures.
+from clip_jax.models.architectures import CLIP_MEAN, CLIP_STD
 CROPS = ('square', 'random_resized', 'center')
 RESIZE_METHODS = ('bicubic', 'bilinear', 'area', 'lanczos3', 'nearest')
 

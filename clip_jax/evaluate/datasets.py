@@ -31,10 +31,11 @@ from jax.sharding import Mesh
 from PIL import Image
 
 from clip_jax.evaluate.features import host_batch_size, host_batches
+from clip_jax.models import architectures
 
 # OpenAI's CLIP pixel statistics (RGB, on [0, 1]).
-CLIP_MEAN = np.array((0.48145466, 0.4578275, 0.40821073), np.float32)
-CLIP_STD = np.array((0.26862954, 0.26130258, 0.27577711), np.float32)
+CLIP_MEAN = np.array(architectures.CLIP_MEAN, np.float32)
+CLIP_STD = np.array(architectures.CLIP_STD, np.float32)
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff')
 # The built-in scenes are generated, not stored: how many per split and from which seed.
 BUILTIN_SPLITS = {'train': (False, 1), 'test': (True, 2), 'test_seen': (False, 3)}

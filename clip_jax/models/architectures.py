@@ -58,6 +58,11 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
 
 OPENAI_NAMES = tuple(n for n in ARCHITECTURES if n != 'tiny')
 
+# The pixel statistics every OpenAI model was trained with (RGB, on [0, 1] values): the
+# training pipeline and the tensorflow-free evaluation loaders both normalise with these.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
 # Options every tower honours; they do not change the parameter shapes.
 MODEL_DEFAULTS: dict[str, Any] = dict(
     activation='quick_gelu',      # 'quick_gelu' (OpenAI weights) or 'gelu'.
