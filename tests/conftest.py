@@ -15,3 +15,11 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
   sys.path.insert(0, REPO)
+
+# Loading torch's compiler stack (triton, via torch._dynamo) after tensorflow segfaults
+# in this environment (torch 2.14.1, tensorflow-cpu 2.21); loaded before, both work.
+# Parity tests (open_clip) and tf.data tests share one process, so load it first.
+try:
+  import torch._dynamo  # noqa: F401  pylint: disable=unused-import
+except ImportError:
+  pass
