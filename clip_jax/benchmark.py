@@ -81,11 +81,16 @@ def measure_matmul_peak(dtype: str = 'float32', size: int = 1024, repeats: int =
 # (the causal text mask does not skip work in XLA's kernels).
 # ---------------------------------------------------------------------------------------
 
-def _transformer_flops(batch: int, tokens: int, width: int, layers: int, mlp_ratio: int = 4
-                       ) -> int:
+def _transformer_flops(batch: int, tokens: int, width: int, layers: int, pooled: bool,
+                       mlp_ratio: int = 4) -> int:
+  """A stack of pre-LN blocks; `pooled`: the last block runs for one token per example
+  (keys and values still for all), as `Transformer(final_positions=...)` does unrolled."""
   per_token = 2 * width * 3 * width + 2 * width * width + 2 * 2 * width * mlp_ratio * width
   attention = 2 * 2 * tokens * tokens * width            # q.k^T and weights.v
-  return layers * batch * (tokens * per_token + attention)
+  if not pooled:
+    return layers * batch * (tokens * per_token + attention)
+  last = tokens * 2 * width * 2 * width + per_token - 2 * width * 2 * width + 2 * 2 * tokens * width
+  return (layers - 1) * batch * (tokens * per_token + attention) + batch * last
 
 
 def _resnet_flops(batch: int, image_size: int, layers: Sequence[int], width: int,
@@ -116,23 +121,28 @@ def _resnet_flops(batch: int, image_size: int, layers: Sequence[int], width: int
   return batch * flops + batch * pool
 
 
-def model_flops(model_config: Mapping[str, Any], batch: int) -> dict[str, int]:
+def model_flops(model_config: Mapping[str, Any], batch: int, pooled: bool | None = None
+                ) -> dict[str, int]:
   """Analytic FLOPs of one training step at global `batch`: forward per tower, loss, total.
 
   `total` = 3 x (image + text + loss forward): the backward pass costs two matmuls for
   every forward matmul (gradients w.r.t. inputs and weights). Remat recomputation is
-  not model work and is not counted (it shows in XLA's count instead).
+  not model work and is not counted (it shows in XLA's count instead). `pooled`: count
+  the last transformer block for the pooled token only (the unrolled model's shortcut,
+  the default unless `scan_layers`); False gives the textbook count of the whole stack.
   """
   v, t, embed = model_config['vision'], model_config['text'], model_config['embed_dim']
+  if pooled is None:
+    pooled = not model_config.get('scan_layers', False)
   if v['type'] == 'vit':
     grid = v['image_size'] // v['patch_size']
     tokens = grid * grid + 1
     image = (2 * batch * grid * grid * v['patch_size'] ** 2 * 3 * v['width']
-             + _transformer_flops(batch, tokens, v['width'], v['layers'])
+             + _transformer_flops(batch, tokens, v['width'], v['layers'], pooled)
              + 2 * batch * v['width'] * embed)
   else:
     image = _resnet_flops(batch, v['image_size'], v['layers'], v['width'], v['heads'], embed)
-  text = (_transformer_flops(batch, t['context_length'], t['width'], t['layers'])
+  text = (_transformer_flops(batch, t['context_length'], t['width'], t['layers'], pooled)
           + 2 * batch * t['width'] * embed)
   loss = 2 * 2 * batch * batch * embed                  # image->text and text->image logits
   return {'image_forward': image, 'text_forward': text, 'loss_forward': loss,

@@ -24,12 +24,17 @@ OPEN_CLIP_GMACS = {'ViT-B/32': (4.41, 2.96), 'ViT-B/16': (17.58, 2.96),
 
 @pytest.mark.parametrize('name', sorted(OPEN_CLIP_GMACS))
 def test_model_flops_match_open_clip_profile(name):
-  flops = benchmark.model_flops(model_config(name), batch=1)
+  flops = benchmark.model_flops(model_config(name), batch=1, pooled=False)
   image, text = OPEN_CLIP_GMACS[name]
   assert flops['image_forward'] / 2e9 == pytest.approx(image, rel=0.01)
   assert flops['text_forward'] / 2e9 == pytest.approx(text, rel=0.01)
   assert flops['total'] == 3 * (flops['image_forward'] + flops['text_forward']
                                 + flops['loss_forward'])
+  # The unrolled model's last block runs for the pooled token only: 5/6 of a layer less.
+  pooled = benchmark.model_flops(model_config(name), batch=1)
+  layers = model_config(name).vision.layers
+  assert (1 - 1 / layers < pooled['image_forward'] / flops['image_forward']
+          < 1 - 0.75 / layers)
 
 
 # XLA's count includes elementwise work (norms, activations, softmax), so it is a few
@@ -63,8 +68,9 @@ def test_peak_table_lookup():
 
 def test_cli_on_tiny_without_tensorflow(tmp_path):
   """The CLI runs with tensorflow unimportable, prints the table and writes the JSON; the
-  whole train step's XLA FLOPs agree with the analytic count within 10% (tiny's
-  elementwise and optimizer work is relatively larger than a real model's)."""
+  whole train step's XLA FLOPs agree with the analytic count within 15% (tiny's
+  elementwise and optimizer work is relatively larger than a real model's: its two-layer
+  towers skip most of their last layer, which leaves 63% of the matmul FLOPs)."""
   out = tmp_path / 'result.json'
   code = ('import sys, runpy; sys.modules["tensorflow"] = None; '
           'sys.argv = ["clip_jax.benchmark", "--config=configs/tiny.py", '
@@ -84,7 +90,7 @@ def test_cli_on_tiny_without_tensorflow(tmp_path):
   assert result['num_devices'] == 2 and result['global_batch'] == 8
   assert result['images_per_s_total'] == pytest.approx(8 / result['step_time_median_s'])
   assert result['peak_source'] == 'measured matmul'
-  assert result['xla_over_model_flops'] == pytest.approx(1.0, abs=0.10)
+  assert result['xla_over_model_flops'] == pytest.approx(1.0, abs=0.15)
   assert np.isfinite(result['final_loss'])
 
 

@@ -11,6 +11,7 @@ import pytest
 
 from clip_jax.models import (OPENAI_NAMES, build_model, count_params, init_variables,
                              model_config, param_shapes)
+from clip_jax.models.layers import Transformer
 from clip_jax.models.params import flatten_names, stack_layers, unstack_layers
 from clip_jax.models.text import eot_positions
 
@@ -178,9 +179,28 @@ def test_text_features_come_from_end_of_text_and_ignore_padding():
   # The features are exactly the projected final state at the EOT position.
   _, state = model.apply(variables, tokens, method=model.encode_text,
                          capture_intermediates=lambda mdl, _: mdl.name == 'ln_final')
-  ln_out = state['intermediates']['text']['ln_final']['__call__'][0]   # [B, T, width]
-  expected = ln_out[np.arange(4), eot] @ variables['params']['text']['text_projection']
+  ln_out = state['intermediates']['text']['ln_final']['__call__'][0]   # [B, width] at EOT
+  expected = ln_out @ variables['params']['text']['text_projection']
   np.testing.assert_allclose(base, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize('causal', [False, True])
+def test_final_positions_shortcut_equals_the_full_last_layer(causal):
+  """The last block run for the pooled tokens only = the whole stack, then those tokens."""
+  stack = Transformer(layers=2, heads=4, causal=causal, activation='quick_gelu')
+  x = jax.random.normal(jax.random.PRNGKey(0), (3, 9, 32))
+  variables = stack.init(jax.random.PRNGKey(1), x)
+  positions = jnp.array([0, 4, 8])
+  full = stack.apply(variables, x)                                   # [B, T, width]
+  picked = stack.apply(variables, x, positions)                      # [B, width]
+  assert picked.shape == (3, 32)
+  np.testing.assert_allclose(picked, full[jnp.arange(3), positions], atol=1e-5)
+  # The shortcut's gradients reach every parameter as the full computation's do.
+  grads = [jax.grad(lambda v: f(v).sum())(variables) for f in (
+      lambda v: stack.apply(v, x)[jnp.arange(3), positions],
+      lambda v: stack.apply(v, x, positions))]
+  for a, b in zip(jax.tree_util.tree_leaves(grads[0]), jax.tree_util.tree_leaves(grads[1])):
+    np.testing.assert_allclose(a, b, atol=1e-5)
 
 
 def test_eot_id_pooling_for_sentencepiece_style_vocabularies():

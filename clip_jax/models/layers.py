@@ -79,8 +79,8 @@ class MLP(nn.Module):
                     bias_init=logical(nn.initializers.zeros, ('embed',)))(x)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool, impl: str | None
-              ) -> jax.Array:
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool, impl: str | None,
+              query_positions: jax.Array | None = None) -> jax.Array:
   """Multi-head attention of [B, T, heads, head_dim] inputs (keys may have S != T).
 
   impl 'xla' is the plain einsum -> float32 softmax -> einsum, which XLA compiles well
@@ -88,24 +88,59 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool, impl: str 
   grouped-query attention, and its extra batch axis costs 14-30% more CPU time per
   forward+backward at ViT-B/32's shapes (BENCHMARKS.md, 'Optimisations'). Any other impl
   ('cudnn', or None to let JAX choose) calls `jax.nn.dot_product_attention`.
+
+  query_positions: int [B, T], the sequence position of each query when the queries are
+  a subset of the keys' positions (the final-layer shortcut of `Transformer`); a causal
+  query then sees the keys at or before its own position. Always the einsum path.
   """
-  if impl != 'xla':
+  if impl != 'xla' and query_positions is None:
     return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation=impl)
   logits = jnp.einsum('bthd,bshd->bhts', q, k,
                       preferred_element_type=jnp.promote_types(q.dtype, jnp.float32))
   logits = logits * q.shape[-1] ** -0.5
   if causal:
-    visible = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool))
+    if query_positions is None:
+      visible = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool))
+    else:
+      visible = (jnp.arange(k.shape[1])[None, None, None, :]
+                 <= query_positions[:, None, :, None])           # [B, 1, T, S]
     logits = jnp.where(visible, logits, jnp.finfo(logits.dtype).min)
   weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
   return jnp.einsum('bhts,bshd->bthd', weights, v)
 
 
+def take_positions(x: jax.Array, positions: jax.Array) -> jax.Array:
+  """x [B, T, ...] at per-example positions [B, K] -> [B, K, ...]."""
+  index = positions.reshape(positions.shape + (1,) * (x.ndim - 2))
+  return jnp.take_along_axis(x, index, axis=1)
+
+
+class _Weights(nn.Module):
+  """A kernel and a bias under one name, for layers that compute with them themselves."""
+  kernel_shape: tuple[int, ...]
+  kernel_axes: tuple[str, ...]
+  bias_shape: tuple[int, ...]
+  bias_axes: tuple[str, ...]
+  std: float
+
+  @nn.compact
+  def __call__(self) -> tuple[jax.Array, jax.Array]:
+    kernel = self.param('kernel', logical(normal(self.std), self.kernel_axes), self.kernel_shape)
+    bias = self.param('bias', logical(nn.initializers.zeros, self.bias_axes), self.bias_shape)
+    return kernel, bias
+
+
 class MultiHeadAttention(nn.Module):
   """Self-attention with one fused q/k/v projection.
 
-  The q/k/v kernel is [width, 3, heads, head_dim]: one matmul for all three (as
-  PyTorch's `in_proj_weight`), with a heads axis that tensor parallelism can split.
+  The q/k/v kernel is [width, 3, heads, head_dim] (PyTorch's `in_proj_weight`, with a
+  heads axis that tensor parallelism can split) and the output kernel [heads, head_dim,
+  width]; both are multiplied as plain 2-D matrices (a free reshape), which XLA:CPU runs
+  without the relayout copies and slower backward that the multi-axis contraction of
+  `nn.DenseGeneral` cost (BENCHMARKS.md, 'Optimisations').
+
+  With `query_positions` only those positions are queried (keys and values still come
+  from every token): the output is [B, K, width] for int positions [B, K].
   """
   heads: int
   causal: bool
@@ -115,20 +150,33 @@ class MultiHeadAttention(nn.Module):
   attention_impl: str | None = 'xla'
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    width = x.shape[-1]
+  def __call__(self, x: jax.Array, query_positions: jax.Array | None = None) -> jax.Array:
+    batch, length, width = x.shape
     head_dim = width // self.heads
-    qkv = nn.DenseGeneral(
-        (3, self.heads, head_dim), dtype=self.dtype, name='qkv',
-        kernel_init=logical(normal(self.in_std), ('embed', 'qkv', 'heads', 'head_dim')),
-        bias_init=logical(nn.initializers.zeros, ('qkv', 'heads', 'head_dim')))(x)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]     # [B, T, heads, head_dim]
-    out = attention(q, k, v, self.causal, self.attention_impl)
+    qkv_kernel, qkv_bias = _Weights(
+        (width, 3, self.heads, head_dim), ('embed', 'qkv', 'heads', 'head_dim'),
+        (3, self.heads, head_dim), ('qkv', 'heads', 'head_dim'), self.in_std, name='qkv')()
+    out_kernel, out_bias = _Weights(
+        (self.heads, head_dim, width), ('heads', 'head_dim', 'embed'),
+        (width,), ('embed',), self.out_std, name='out')()
+    x = x.astype(self.dtype)
+    qkv_kernel = qkv_kernel.astype(self.dtype).reshape(width, 3, width)
+    qkv_bias = qkv_bias.astype(self.dtype).reshape(3, width)
+    split = lambda y: y.reshape(y.shape[:2] + (-1, self.heads, head_dim))
+    if query_positions is None:
+      qkv = split(jnp.dot(x, qkv_kernel.reshape(width, 3 * width)) + qkv_bias.reshape(-1))
+      q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]      # [B, T, heads, head_dim]
+    else:
+      kv = split(jnp.dot(x, qkv_kernel[:, 1:].reshape(width, 2 * width))
+                 + qkv_bias[1:].reshape(-1))
+      k, v = kv[:, :, 0], kv[:, :, 1]
+      q = split(jnp.dot(take_positions(x, query_positions), qkv_kernel[:, 0]) + qkv_bias[0])
+      q = q[:, :, 0]
+    out = attention(q, k, v, self.causal, self.attention_impl, query_positions)
     out = checkpoint_name(out, 'attn_out')
-    return nn.DenseGeneral(
-        width, axis=(-2, -1), dtype=self.dtype, name='out',
-        kernel_init=logical(normal(self.out_std), ('heads', 'head_dim', 'embed')),
-        bias_init=logical(nn.initializers.zeros, ('embed',)))(out)
+    out = out.reshape(out.shape[:2] + (width,))
+    return (jnp.dot(out, out_kernel.astype(self.dtype).reshape(width, width))
+            + out_bias.astype(self.dtype))
 
 
 class ResidualAttentionBlock(nn.Module):
@@ -145,15 +193,20 @@ class ResidualAttentionBlock(nn.Module):
   attention_impl: str | None = 'xla'
 
   @nn.compact
-  def __call__(self, x: jax.Array, _: Any = None) -> tuple[jax.Array, None]:
+  def __call__(self, x: jax.Array, _: Any = None, query_positions: jax.Array | None = None
+               ) -> tuple[jax.Array, None]:
+    """x [B, T, width] -> [B, T, width]; with query_positions [B, K]: [B, K, width]."""
     width = x.shape[-1]
     # OpenAI's initialisation (CLIP.initialize_parameters).
     attn_std = width ** -0.5
     proj_std = attn_std * (2 * self.num_layers) ** -0.5
     fc_std = (2 * width) ** -0.5
     y = layer_norm(self.dtype, 'ln_1')(x)
-    x = x + MultiHeadAttention(self.heads, self.causal, attn_std, proj_std, self.dtype,
-                               self.attention_impl, name='attn')(y)
+    attn = MultiHeadAttention(self.heads, self.causal, attn_std, proj_std, self.dtype,
+                              self.attention_impl, name='attn')(y, query_positions)
+    if query_positions is not None:
+      x = take_positions(x, query_positions)
+    x = x + attn
     y = layer_norm(self.dtype, 'ln_2')(x)
     x = x + MLP(width, width * self.mlp_ratio, self.activation, fc_std, proj_std,
                 self.dtype, name='mlp')(y)
@@ -172,7 +225,15 @@ class Transformer(nn.Module):
   attention_impl: str | None = 'xla'
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, final_positions: jax.Array | None = None) -> jax.Array:
+    """x [B, T, width] -> [B, T, width], or [B, width] at `final_positions` (int [B]).
+
+    With final_positions, the unrolled stack runs its last block for those tokens only
+    (the class token, the end-of-text token): their outputs are the same, and the last
+    block's MLP, output projection and queries are skipped for every other token, about
+    5/6 of one layer's FLOPs. The scanned stack runs every layer whole (its blocks share
+    one traced body) and picks the tokens after.
+    """
     block_cls = ResidualAttentionBlock
     if self.remat_policy != 'none':
       # prevent_cse is only needed outside scan (scan already blocks CSE).
@@ -187,7 +248,9 @@ class Transformer(nn.Module):
                       length=self.layers,
                       metadata_params={nn.PARTITION_NAME: 'layers'})
       x, _ = stack(**kwargs, name='resblocks')(x, None)
-    else:
-      for i in range(self.layers):
-        x, _ = block_cls(**kwargs, name=f'resblocks_{i}')(x, None)
-    return x
+      return x if final_positions is None else take_positions(x, final_positions[:, None])[:, 0]
+    for i in range(self.layers):
+      last = i == self.layers - 1 and final_positions is not None
+      x, _ = block_cls(**kwargs, name=f'resblocks_{i}')(
+          x, None, final_positions[:, None] if last else None)
+    return x if final_positions is None else x[:, 0]

@@ -50,10 +50,9 @@ class TextTransformer(nn.Module):
     x = Transformer(self.layers, self.heads, causal=True, activation=self.activation,
                     dtype=self.dtype, remat_policy=self.remat_policy,
                     scan_layers=self.scan_layers, attention_impl=self.attention_impl,
-                    name='transformer')(x)
-    x = layer_norm(self.dtype, 'ln_final')(x)
-    idx = eot_positions(tokens, self.text_pool, self.eot_token_id)
-    x = jnp.take_along_axis(x, idx[:, None, None], axis=1)[:, 0]
+                    name='transformer')(x, eot_positions(tokens, self.text_pool,
+                                                         self.eot_token_id))
+    x = layer_norm(self.dtype, 'ln_final')(x)                   # [B, width] at EOT
     proj = self.param('text_projection', logical(normal(self.width ** -0.5), ('embed', 'proj')),
                       (self.width, self.output_dim))
     return jnp.dot(x, proj.astype(x.dtype)).astype(jnp.float32)
