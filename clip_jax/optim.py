@@ -56,8 +56,13 @@ def decay_mask(optim_config: Any, tree: Any) -> Any:
   return jax.tree_util.tree_unflatten(treedef, mask)
 
 
+def is_frozen(optim_config: Any, name: str) -> bool:
+  """Whether the leaf named `name` (e.g. 'params/visual/conv1/kernel') is frozen."""
+  return _matches(optim_config.freeze, name)
+
+
 def _group(optim_config: Any, name: str) -> str:
-  if _matches(optim_config.freeze, name):
+  if is_frozen(optim_config, name):
     return 'frozen'
   return f'lr_x{lr_multiplier(optim_config, name):g}'
 

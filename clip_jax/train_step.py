@@ -106,20 +106,38 @@ def describe_train_state(config: Any, state: TrainState, shardings: TrainState) 
   return lines
 
 
-def _embed_fn(model: nn.Module) -> Callable[..., tuple[tuple[jax.Array, jax.Array], Any]]:
+def _frozen_statistics(optim_config: Any, batch_stats: Any) -> Any:
+  """Tree of bools over BatchNorm statistics: True where the layer's own gain is frozen."""
+  names = flatten_names(batch_stats)
+  frozen = [optim.is_frozen(optim_config, 'params/' + name.rsplit('/', 1)[0] + '/scale')
+            for name in names]
+  return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(batch_stats), frozen)
+
+
+def _embed_fn(model: nn.Module, optim_config: Any
+              ) -> Callable[..., tuple[tuple[jax.Array, jax.Array], Any]]:
   """(params, batch_stats, images, texts) -> ((image_features, text_features), batch_stats).
 
   L2-normalised features in training mode; BatchNorm statistics are updated when the
-  model has them (ResNet) and passed through otherwise.
+  model has them (ResNet) and passed through otherwise. A frozen BatchNorm layer
+  (`config.optim.freeze` matches its gain) keeps its statistics; when every one is
+  frozen (a locked ResNet image tower, LiT) the tower normalises with its running
+  statistics, as PyTorch's frozen BatchNorm does, so it computes what it will at eval.
   """
   def embed(params, batch_stats, images, texts):
-    if batch_stats:
-      (image, text, _), updates = model.apply(
-          {'params': params, 'batch_stats': batch_stats}, images, texts, train=True,
-          mutable=['batch_stats'])
-      return (image, text), updates['batch_stats']
-    image, text, _ = model.apply({'params': params}, images, texts, train=True)
-    return (image, text), batch_stats
+    if not batch_stats:
+      image, text, _ = model.apply({'params': params}, images, texts, train=True)
+      return (image, text), batch_stats
+    frozen = _frozen_statistics(optim_config, batch_stats)
+    variables = {'params': params, 'batch_stats': batch_stats}
+    if all(jax.tree_util.tree_leaves(frozen)):
+      image, text, _ = model.apply(variables, images, texts, train=False)
+      return (image, text), batch_stats
+    (image, text, _), updates = model.apply(variables, images, texts, train=True,
+                                            mutable=['batch_stats'])
+    kept = jax.tree_util.tree_map(lambda f, old, new: old if f else new, frozen,
+                                  batch_stats, updates['batch_stats'])
+    return (image, text), kept
   return embed
 
 
@@ -132,7 +150,7 @@ def make_grad_fn(config: Any, model: nn.Module, mesh: Mesh
   the gradient is GradCache's, equal to the full batch's. Not jitted: call it inside jit.
   """
   loss_fn = losses.make_loss(config.loss, mesh)
-  embed = _embed_fn(model)
+  embed = _embed_fn(model, config.optim)
   micro = int(config.train.micro_batches)
   batch_axes = tuple(a for a in sharding.BATCH_AXES if a in mesh.axis_names)
   rows = lambda ndim: NamedSharding(mesh, P(batch_axes, *([None] * (ndim - 1))))

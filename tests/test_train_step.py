@@ -171,9 +171,8 @@ def test_train_step_metrics_temperature_clip_and_donation(setup):
   assert int(state.step) == 2 and float(metrics['temperature']) <= 100.0 + 1e-4
 
 
-@pytest.mark.slow
-def test_resnet_batch_stats_are_carried_through_the_step():
-  config = small_config('softmax', vision='resnet')
+def _small_resnet_setup(config):
+  """(model, mesh, shardings, host state, device state, batch) for a small ResNet CLIP."""
   model = build_model(config.model)
   mesh = make_mesh((8, 1, 1))
   # Random host values instead of create_train_state: the init program of even a small
@@ -190,7 +189,13 @@ def test_resnet_batch_stats_are_carried_through_the_step():
   opt_state = jax.jit(optim.make_optimizer(config).init,
                       out_shardings=shardings.opt_state)(host.trainable)
   state = jax.device_put(host.replace(opt_state=opt_state), shardings)
-  batch = make_batch(config)
+  return model, mesh, shardings, host, state, make_batch(config)
+
+
+@pytest.mark.slow
+def test_resnet_batch_stats_are_carried_through_the_step():
+  config = small_config('softmax', vision='resnet')
+  model, mesh, shardings, host, state, batch = _small_resnet_setup(config)
 
   @jax.jit
   def reference(variables):
@@ -204,3 +209,27 @@ def test_resnet_batch_stats_are_carried_through_the_step():
   assert_trees_close(jax.device_get(new_state.batch_stats), ref_stats)
   assert not np.allclose(flatten_names(ref_stats)['visual/bn1/mean'],
                          flatten_names(host.batch_stats)['visual/bn1/mean'])
+
+
+@pytest.mark.slow
+def test_locked_resnet_tower_keeps_and_uses_its_running_statistics():
+  """LiT with a ResNet image tower: frozen BatchNorm layers normalise with their running
+  statistics (eval mode) and keep them; the text tower still trains."""
+  config = small_config('softmax', vision='resnet')
+  config.optim.freeze = (r'^params/visual/',)
+  model, mesh, shardings, host, state, batch = _small_resnet_setup(config)
+
+  @jax.jit
+  def reference(variables):
+    image, text, scale = model.apply(variables, batch['image'], batch['text'], train=False)
+    return reference_loss('softmax', image, text, scale, 0.0)
+  ref_loss = reference({'params': host.params, 'batch_stats': host.batch_stats})
+  step = train_step.make_train_step(config, model, mesh, shardings)
+  new_state, metrics = step(state, batch)
+  np.testing.assert_allclose(metrics['loss'], ref_loss, rtol=1e-5, atol=1e-5)
+  new = jax.device_get(new_state)
+  for name, value in flatten_names(new.batch_stats).items():
+    np.testing.assert_array_equal(value, flatten_names(host.batch_stats)[name], err_msg=name)
+  before, after = flatten_names(host.params), flatten_names(new.params)
+  assert all(np.array_equal(after[n], before[n]) for n in before if n.startswith('visual/'))
+  assert not np.array_equal(after['text/token_embedding'], before['text/token_embedding'])
