@@ -1,6 +1,8 @@
 r"""Before/after measurements of clip_jax's performance options (figures in BENCHMARKS.md).
 
   python benchmarks/optimisations.py compile   --model=ViT-L/14      # nn.scan vs unrolled
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 \
+    python benchmarks/optimisations.py compile --model=ViT-L/14 --mesh=1,8,1   # FSDP
   python benchmarks/optimisations.py remat     --model=ViT-B/32 --batch=32
   python benchmarks/optimisations.py dtype     --model=ViT-B/32 --batch=32
   python benchmarks/optimisations.py attention --model=ViT-B/32 --batch=32
@@ -89,9 +91,13 @@ def _emit(record: dict[str, Any]) -> None:
 def mode_compile(args) -> None:
   for scan in (True, False):
     config = base_config.get_config(args.model, scan_layers=scan)
+    if args.mesh:
+      config.mesh.shape = tuple(int(n) for n in args.mesh.split(','))
     lower_s, compile_s = compile_seconds(config, args.batch)
     _emit({'mode': 'compile', 'model': args.model, 'batch': args.batch, 'scan_layers': scan,
-           'lower_s': lower_s, 'compile_s': compile_s})
+           'mesh': list(config.mesh.shape), 'devices': jax.device_count(),
+           'lower_s': lower_s, 'compile_s': compile_s,
+           'lower_and_compile_s': lower_s + compile_s})
 
 
 def mode_remat(args) -> None:
@@ -153,6 +159,8 @@ def main() -> None:
   parser.add_argument('--batch', type=int, default=32)
   parser.add_argument('--steps', type=int, default=5)
   parser.add_argument('--scan', action='store_true', help='scan_layers for remat/dtype')
+  parser.add_argument('--mesh', default='', help='compile: mesh shape (data,fsdp,model), e.g. '
+                      '1,8,1 with XLA_FLAGS=--xla_force_host_platform_device_count=8')
   args = parser.parse_args()
   {'compile': mode_compile, 'remat': mode_remat, 'dtype': mode_dtype,
    'attention': mode_attention}[args.mode](args)
