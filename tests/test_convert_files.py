@@ -7,6 +7,8 @@ the key and shape checks, dtypes, TorchScript archives and the command line.
 import json
 import os
 import pickle
+import subprocess
+import sys
 import zipfile
 
 import jax
@@ -108,6 +110,33 @@ def test_safetensors_round_trip_in_every_dtype_and_torch_reads_ours(tmp_path):
     np.testing.assert_array_equal(back[key], value)
     np.testing.assert_array_equal(as_numpy(theirs[key]), value)
   assert theirs['bf16'].dtype == torch.bfloat16 and theirs['counter'].shape == ()
+
+
+def test_import_and_export_work_after_tensorflow_in_one_process(tmp_path):
+  """clip_jax's PyTorch file paths import plain torch, never its compiler stack (which
+  crashes after tensorflow in these wheels), so a tf.data job can convert in-process."""
+  source, out = tmp_path / 'source.pt', tmp_path / 'out.pt'
+  torch.save(small_model().state_dict(), source)
+  code = f"""
+import sys
+import numpy as np
+import tensorflow as tf
+assert int(tf.data.Dataset.range(4).reduce(np.int64(0), lambda a, b: a + b)) == 6
+from clip_jax import convert
+from clip_jax.models.params import flatten_names
+imported = convert.load_source({str(source)!r})
+paths = convert.export_openai(imported.config, imported.variables, {str(out)!r})
+again = convert.load_source(paths[0])
+before, after = flatten_names(imported.variables), flatten_names(again.variables)
+assert before.keys() == after.keys()
+assert all(np.array_equal(before[k], after[k]) for k in before)
+assert 'torch._dynamo' not in sys.modules, 'torch compiler stack loaded'
+print('round trip after tensorflow: ok')
+"""
+  proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                        timeout=600, cwd=os.path.dirname(os.path.dirname(__file__)) or '.')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'round trip after tensorflow: ok' in proc.stdout
 
 
 def test_truncated_safetensors_is_refused(tmp_path):
