@@ -191,12 +191,12 @@ def test_final_positions_shortcut_equals_the_full_last_layer(causal):
   x = jax.random.normal(jax.random.PRNGKey(0), (3, 9, 32))
   variables = stack.init(jax.random.PRNGKey(1), x)
   positions = jnp.array([0, 4, 8])
-  full = stack.apply(variables, x)                                   # [B, T, width]
-  picked = stack.apply(variables, x, positions)                      # [B, width]
+  full = jax.jit(stack.apply)(variables, x)                          # [B, T, width]
+  picked = jax.jit(stack.apply)(variables, x, positions)             # [B, width]
   assert picked.shape == (3, 32)
   np.testing.assert_allclose(picked, full[jnp.arange(3), positions], atol=1e-5)
   # The shortcut's gradients reach every parameter as the full computation's do.
-  grads = [jax.grad(lambda v: f(v).sum())(variables) for f in (
+  grads = [jax.jit(jax.grad(lambda v, f=f: f(v).sum()))(variables) for f in (
       lambda v: stack.apply(v, x)[jnp.arange(3), positions],
       lambda v: stack.apply(v, x, positions))]
   for a, b in zip(jax.tree_util.tree_leaves(grads[0]), jax.tree_util.tree_leaves(grads[1])):
