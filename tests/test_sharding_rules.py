@@ -81,3 +81,27 @@ def test_regex_rules_come_first_and_are_checked():
     _specs((2, 2, 2), param_rules=((r'proj', 'tensor'),))
   with pytest.raises(ValueError, match=r'config\.mesh\.param_rules: bad regex'):
     _specs((2, 2, 2), param_rules=((r'(', ''),))
+
+
+def test_tensor_parallel_step_does_not_gather_kernels():
+  """Under tensor parallelism (heads split over 'model') the compiled step keeps the q/k/v
+  and output kernels split: the only all-gathers are the loss's (features, across 'data').
+  Merging the q/k/v axis with the heads axis in a reshape made XLA gather every kernel."""
+  import re  # pylint: disable=import-outside-toplevel
+  from clip_jax import train_step  # pylint: disable=import-outside-toplevel
+  from clip_jax.benchmark import synthetic_batch  # pylint: disable=import-outside-toplevel
+  config = get_config('tiny')
+  config.mesh.shape = (4, 1, 2)
+  config.batch_size = 8
+  mesh = sharding.mesh_from_config(config.mesh)
+  model = build_model(config.model)
+  abstract, shardings = train_step.train_state_shardings(config, model, mesh)
+  state = jax.tree_util.tree_map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype,
+                                   sharding=sharding.batch_sharding(mesh, v.ndim))
+           for k, v in synthetic_batch(config.model, 8).items()}
+  step = train_step.make_train_step(config, model, mesh, shardings)
+  text = step.lower(state, batch).compile().as_text()
+  gathers = re.findall(r'= \S+ all-gather\(', text)
+  assert len(gathers) <= 2, f'{len(gathers)} all-gathers: a tensor-parallel kernel is gathered'

@@ -135,8 +135,8 @@ class MultiHeadAttention(nn.Module):
 
   The q/k/v kernel is [width, 3, heads, head_dim] (PyTorch's `in_proj_weight`, with a
   heads axis that tensor parallelism can split) and the output kernel [heads, head_dim,
-  width]; both are multiplied as plain 2-D matrices (a free reshape), which XLA:CPU runs
-  without the relayout copies and slower backward that the multi-axis contraction of
+  width]; (heads, head_dim) are multiplied as one axis (a free reshape), which XLA:CPU
+  runs without the relayout copies and slower backward that the multi-axis contraction of
   `nn.DenseGeneral` cost (BENCHMARKS.md, 'Optimisations').
 
   With `query_positions` only those positions are queried (keys and values still come
@@ -151,7 +151,7 @@ class MultiHeadAttention(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, query_positions: jax.Array | None = None) -> jax.Array:
-    batch, length, width = x.shape
+    width = x.shape[-1]
     head_dim = width // self.heads
     qkv_kernel, qkv_bias = _Weights(
         (width, 3, self.heads, head_dim), ('embed', 'qkv', 'heads', 'head_dim'),
@@ -160,17 +160,20 @@ class MultiHeadAttention(nn.Module):
         (self.heads, head_dim, width), ('heads', 'head_dim', 'embed'),
         (width,), ('embed',), self.out_std, name='out')()
     x = x.astype(self.dtype)
+    # (heads, head_dim) merge into one axis with heads major, so a tensor-parallel split of
+    # the heads stays a contiguous split of that axis (merging the q/k/v axis too would
+    # make XLA's partitioner all-gather the kernel).
     qkv_kernel = qkv_kernel.astype(self.dtype).reshape(width, 3, width)
     qkv_bias = qkv_bias.astype(self.dtype).reshape(3, width)
-    split = lambda y: y.reshape(y.shape[:2] + (-1, self.heads, head_dim))
+    project = lambda y, kernel, bias: jnp.einsum('btc,cxf->btxf', y, kernel) + bias
+    split = lambda y: y.reshape(y.shape[:3] + (self.heads, head_dim))
     if query_positions is None:
-      qkv = split(jnp.dot(x, qkv_kernel.reshape(width, 3 * width)) + qkv_bias.reshape(-1))
-      q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]      # [B, T, heads, head_dim]
+      qkv = split(project(x, qkv_kernel, qkv_bias))           # [B, T, 3, heads, head_dim]
+      q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     else:
-      kv = split(jnp.dot(x, qkv_kernel[:, 1:].reshape(width, 2 * width))
-                 + qkv_bias[1:].reshape(-1))
+      kv = split(project(x, qkv_kernel[:, 1:], qkv_bias[1:]))
       k, v = kv[:, :, 0], kv[:, :, 1]
-      q = split(jnp.dot(take_positions(x, query_positions), qkv_kernel[:, 0]) + qkv_bias[0])
+      q = split(project(take_positions(x, query_positions), qkv_kernel[:, :1], qkv_bias[:1]))
       q = q[:, :, 0]
     out = attention(q, k, v, self.causal, self.attention_impl, query_positions)
     out = checkpoint_name(out, 'attn_out')

@@ -15,8 +15,9 @@ class PatchEmbedding(nn.Module):
   The kernel keeps the conv's HWIO shape [P, P, 3, width] (and the name `conv1`), so
   checkpoints and converters see a conv; the computation cuts the image into patches
   (row-major over (dy, dx, channel), the kernel's own order) and multiplies by the
-  kernel seen as [P*P*3, width]. On CPU this runs 3-4x faster than XLA's conv for the
-  same FLOPs, forward and backward; the result is the same up to float rounding.
+  kernel seen as [P*P*3, width]. On CPU XLA runs this ~2.4x faster than its conv for the
+  same FLOPs (ViT-B/32 forward at batch 8: 118 -> 50 ms); the result is the same up to
+  float rounding.
   """
   patch_size: int
   width: int
