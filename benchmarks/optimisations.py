@@ -88,11 +88,18 @@ def _emit(record: dict[str, Any]) -> None:
   print(json.dumps(record), flush=True)
 
 
+def _mesh_shape(text: str) -> tuple[int, ...]:
+  parts = text.split(',')
+  if len(parts) != 3 or not all(p.strip().lstrip('-').isdigit() for p in parts):
+    raise SystemExit(f'--mesh: expected three integers data,fsdp,model (e.g. 1,8,1), got {text!r}')
+  return tuple(int(p) for p in parts)
+
+
 def mode_compile(args) -> None:
   for scan in (True, False):
     config = base_config.get_config(args.model, scan_layers=scan)
     if args.mesh:
-      config.mesh.shape = tuple(int(n) for n in args.mesh.split(','))
+      config.mesh.shape = _mesh_shape(args.mesh)
     lower_s, compile_s = compile_seconds(config, args.batch)
     _emit({'mode': 'compile', 'model': args.model, 'batch': args.batch, 'scan_layers': scan,
            'mesh': list(config.mesh.shape), 'devices': jax.device_count(),
