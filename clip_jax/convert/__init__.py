@@ -17,6 +17,7 @@ import -> export gives back the original tensors bit for bit.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 from typing import Any, Mapping
@@ -25,6 +26,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from clip_jax import storage
 from clip_jax.convert import hf_layout, infer, openai_layout
 from clip_jax.convert.mapping import (KeyMismatchError, check_keys, expected_shapes,
                                       from_variables, to_variables, torch_shapes)
@@ -116,9 +118,10 @@ def import_state_dict(state: Mapping[str, np.ndarray], *, layout: str = 'openai'
 
 
 def load_source(path: str | os.PathLike, **kwargs: Any) -> Imported:
-  """Imports a weight file (OpenAI layout) or a Hugging Face CLIPModel directory."""
-  path = os.fspath(path)
-  if os.path.isdir(path):
+  """Imports a weight file (OpenAI layout) or a Hugging Face CLIPModel directory (local,
+  relative to the current directory, or on a bucket)."""
+  path = str(storage.resolve(path))
+  if storage.is_dir(path):
     if not hf_layout.is_hf_directory(path):
       raise ValueError(f'{path}: a directory without a CLIPModel config.json; expected a '
                        'Hugging Face CLIPModel directory or a weight file')
@@ -130,8 +133,7 @@ def load_source(path: str | os.PathLike, **kwargs: Any) -> Imported:
 # --- the source record kept in a workdir -------------------------------------------------------
 
 def write_source_info(workdir: str | os.PathLike, info: SourceInfo) -> str:
-  path = os.path.join(workdir, SOURCE_FILE)
-  os.makedirs(workdir, exist_ok=True)
+  path = str(storage.join(workdir, SOURCE_FILE))
   write_safetensors(path, info.carried, metadata={
       'layout': info.layout, 'source': info.source, 'dtypes': json.dumps(info.dtypes),
       'key_order': json.dumps(info.key_order)})
@@ -140,8 +142,8 @@ def write_source_info(workdir: str | os.PathLike, info: SourceInfo) -> str:
 
 def read_source_info(workdir: str | os.PathLike) -> SourceInfo | None:
   """The record `import_to_workdir` left in a workdir, or None (a model trained here)."""
-  path = os.path.join(workdir, SOURCE_FILE)
-  if not os.path.exists(path):
+  path = str(storage.join(workdir, SOURCE_FILE))
+  if not storage.exists(path):
     return None
   carried, meta = read_safetensors(path)
   try:
@@ -201,14 +203,15 @@ def _numpy_to_torch(value: np.ndarray) -> Any:
 
 
 def _write_weights(path: str, tensors: Mapping[str, np.ndarray]) -> None:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   if path.endswith(TORCH_SUFFIXES):
     try:
       import torch  # pylint: disable=g-import-not-at-top
     except ImportError:
       raise ImportError(f"{path}: writing a .pt file needs torch (pip install '.[torch]'); "
                         'write .safetensors instead') from None
-    torch.save({k: _numpy_to_torch(v) for k, v in tensors.items()}, path)
+    buffer = io.BytesIO()
+    torch.save({k: _numpy_to_torch(v) for k, v in tensors.items()}, buffer)
+    storage.write_bytes(path, buffer.getvalue())
   else:
     write_safetensors(path, tensors, metadata={'format': 'pt'})
 
@@ -221,18 +224,18 @@ def export_openai(cfg: ml_collections.ConfigDict, variables: Mapping[str, Any],
   `out` ending in .safetensors, .pt, .pth or .bin names the weight file (the config
   goes beside it); anything else is a directory that gets `open_clip_model.safetensors`.
   """
-  out = os.fspath(out)
+  out = str(storage.resolve(out))
   weights = out if out.endswith(('.safetensors',) + TORCH_SUFFIXES) else \
-      os.path.join(out, OPEN_CLIP_WEIGHTS)
+      str(storage.join(out, OPEN_CLIP_WEIGHTS))
   if source is not None and source.layout != 'openai':
     source = dataclasses.replace(source, key_order=[], carried={})
   tensors = from_variables(openai_layout.entries(cfg), variables)
   tensors = openai_layout.with_buffers(tensors, source.carried if source else {})
   tensors = _cast_for_export(_in_source_order(tensors, source), dtype, source)
   _write_weights(weights, tensors)
-  config_path = os.path.join(os.path.dirname(os.path.abspath(weights)), OPEN_CLIP_CONFIG)
-  with open(config_path, 'w') as f:
-    json.dump({'model_cfg': infer.open_clip_model_cfg(cfg)}, f, indent=2)
+  config_path = str(storage.resolve(weights).parent / OPEN_CLIP_CONFIG)
+  storage.write_text(config_path, json.dumps({'model_cfg': infer.open_clip_model_cfg(cfg)},
+                                             indent=2))
   return [weights, config_path]
 
 
@@ -240,21 +243,19 @@ def export_hf(cfg: ml_collections.ConfigDict, variables: Mapping[str, Any],
               out: str | os.PathLike, dtype: str | None = 'source',
               source: SourceInfo | None = None) -> list[str]:
   """Writes a Hugging Face CLIPModel directory (config.json + model.safetensors)."""
-  out = os.fspath(out)
+  out = str(storage.resolve(out))
   hf_layout.refuse_resnet(cfg, f'{out}')
   if source is not None and source.layout != 'hf':
     source = dataclasses.replace(source, key_order=[], carried={})
   tensors = from_variables(hf_layout.entries(cfg), variables)
   tensors = _cast_for_export(_in_source_order(tensors, source), dtype, source)
-  os.makedirs(out, exist_ok=True)
-  weights = os.path.join(out, hf_layout.WEIGHTS_FILE)
+  weights = str(storage.join(out, hf_layout.WEIGHTS_FILE))
   write_safetensors(weights, tensors, metadata={'format': 'pt'})
   dtypes = {v.dtype.name for v in tensors.values() if v.dtype.kind == 'f' or
             v.dtype.name == 'bfloat16'}
-  config_path = os.path.join(out, hf_layout.CONFIG_FILE)
-  with open(config_path, 'w') as f:
-    json.dump(hf_layout.config_json(cfg, dtypes.pop() if len(dtypes) == 1 else 'float32'),
-              f, indent=2)
+  config_path = str(storage.join(out, hf_layout.CONFIG_FILE))
+  storage.write_text(config_path, json.dumps(
+      hf_layout.config_json(cfg, dtypes.pop() if len(dtypes) == 1 else 'float32'), indent=2))
   return [weights, config_path]
 
 

@@ -9,11 +9,10 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Sequence
 
-from clip_jax import convert
+from clip_jax import convert, storage
 from clip_jax.convert import infer
 from clip_jax.models import count_params
 
@@ -68,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = _parser().parse_args(argv)
   try:
     return _run(args)
-  except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
+  except (ValueError, OSError, ImportError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 1
 
@@ -95,7 +94,7 @@ def _run(args: argparse.Namespace) -> int:
     if name:
       print(f"open_clip: open_clip.create_model('{name}', pretrained='{paths[0]}')")
     if not paths[0].endswith('.pt'):   # open_clip's local-dir: finds .safetensors/.bin/.pth
-      print(f"open_clip: open_clip.create_model('local-dir:{os.path.dirname(paths[1])}')")
+      print(f"open_clip: open_clip.create_model('local-dir:{storage.resolve(paths[1]).parent}')")
   else:
     print(f"transformers: CLIPModel.from_pretrained('{args.out}')")
   return 0

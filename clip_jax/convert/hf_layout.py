@@ -23,6 +23,7 @@ from typing import Any, Mapping
 import ml_collections
 import numpy as np
 
+from clip_jax import storage
 from clip_jax.convert.mapping import Entry, norm, prefixed
 from clip_jax.convert.safe_load import read_safetensors
 
@@ -93,12 +94,11 @@ def ignored(key: str) -> bool:
 
 def is_hf_directory(path: str | os.PathLike) -> bool:
   """A directory with a CLIPModel config.json (model_type 'clip')."""
-  config = os.path.join(path, CONFIG_FILE)
-  if not os.path.isfile(config):
+  config = storage.join(path, CONFIG_FILE)
+  if not storage.is_file(config):
     return False
   try:
-    with open(config) as f:
-      data = json.load(f)
+    data = json.loads(storage.read_text(config))
   except (OSError, json.JSONDecodeError):
     return False
   return isinstance(data, dict) and (data.get('model_type') == 'clip' or 'vision_config' in data)
@@ -106,28 +106,26 @@ def is_hf_directory(path: str | os.PathLike) -> bool:
 
 def read_directory(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
   """(config.json contents, tensors) of a CLIPModel directory written by save_pretrained."""
-  path = os.fspath(path)
-  config_path = os.path.join(path, CONFIG_FILE)
+  path = storage.resolve(path)
+  config_path = path / CONFIG_FILE
   try:
-    with open(config_path) as f:
-      hf_config = json.load(f)
+    hf_config = json.loads(storage.read_text(config_path))
   except FileNotFoundError:
     raise FileNotFoundError(f'{config_path}: missing; expected a Hugging Face CLIPModel '
                             'directory (config.json + model.safetensors)') from None
   except json.JSONDecodeError as e:
     raise ValueError(f'{config_path}: not valid JSON ({e})') from None
-  index = os.path.join(path, INDEX_FILE)
-  if os.path.isfile(os.path.join(path, WEIGHTS_FILE)):
+  index = path / INDEX_FILE
+  if storage.is_file(path / WEIGHTS_FILE):
     files = [WEIGHTS_FILE]
-  elif os.path.isfile(index):
-    with open(index) as f:
-      files = list(dict.fromkeys(json.load(f)['weight_map'].values()))
+  elif storage.is_file(index):
+    files = list(dict.fromkeys(json.loads(storage.read_text(index))['weight_map'].values()))
   else:
     raise FileNotFoundError(f'{path}: no {WEIGHTS_FILE} or {INDEX_FILE}; only safetensors '
                             'weights are read from Hugging Face directories')
   tensors: dict[str, np.ndarray] = {}
   for name in files:
-    tensors.update(read_safetensors(os.path.join(path, name))[0])
+    tensors.update(read_safetensors(path / name)[0])
   return hf_config, tensors
 
 

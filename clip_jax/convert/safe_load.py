@@ -27,6 +27,7 @@ All results are `dict[str, np.ndarray]` in the file's own order and dtypes.
 from __future__ import annotations
 
 import collections
+import io
 import json
 import os
 import pickle
@@ -37,6 +38,8 @@ from typing import Any, Callable, Mapping
 
 import ml_dtypes
 import numpy as np
+
+from clip_jax import storage
 
 # safetensors dtype names <-> numpy dtypes.
 _SAFETENSORS_DTYPES: dict[str, np.dtype] = {
@@ -84,28 +87,28 @@ def dtype_name(dtype: Any) -> str:
 # --- safetensors ----------------------------------------------------------------------------
 
 def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-  """(tensors, metadata) of a safetensors file; refuses truncated or malformed files."""
-  path = os.fspath(path)
-  size = os.path.getsize(path)
-  with open(path, 'rb') as f:
-    head = f.read(8)
-    if len(head) < 8:
-      raise CorruptFileError(f'{path}: not a safetensors file ({size} bytes, less than the '
-                             '8-byte header length)')
-    (header_len,) = struct.unpack('<Q', head)
-    if header_len > size - 8:
-      raise CorruptFileError(f'{path}: truncated or not a safetensors file: the header claims '
-                             f'{header_len} bytes but the file has {size}')
-    try:
-      header = json.loads(f.read(header_len))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-      raise CorruptFileError(f'{path}: not a safetensors file: its header is not JSON ({e})'
-                             ) from None
+  """(tensors, metadata) of a safetensors file (local: memory-mapped; or on a bucket);
+  refuses truncated or malformed files."""
+  path = str(storage.resolve(path))
+  raw = storage.map_bytes(path)
+  size = raw.size
+  head = bytes(raw[:8])
+  if len(head) < 8:
+    raise CorruptFileError(f'{path}: not a safetensors file ({size} bytes, less than the '
+                           '8-byte header length)')
+  (header_len,) = struct.unpack('<Q', head)
+  if header_len > size - 8:
+    raise CorruptFileError(f'{path}: truncated or not a safetensors file: the header claims '
+                           f'{header_len} bytes but the file has {size}')
+  try:
+    header = json.loads(bytes(raw[8:8 + header_len]))
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise CorruptFileError(f'{path}: not a safetensors file: its header is not JSON ({e})'
+                           ) from None
   if not isinstance(header, dict):
     raise CorruptFileError(f'{path}: not a safetensors file: its header is not a JSON object')
   metadata = header.pop('__metadata__', None) or {}
   data_start = 8 + header_len
-  raw = np.memmap(path, dtype=np.uint8, mode='r') if size > data_start else np.zeros(0, np.uint8)
   tensors = {}
   for key, info in header.items():
     try:
@@ -145,13 +148,11 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray]
     arrays.append(array)
   encoded = json.dumps(header, separators=(',', ':')).encode()
   encoded += b' ' * (-len(encoded) % 8)   # the format aligns the data to 8 bytes
-  tmp = os.fspath(path) + '.tmp'
-  with open(tmp, 'wb') as f:
+  with storage.atomic_write(path) as f:
     f.write(struct.pack('<Q', len(encoded)))
     f.write(encoded)
     for array in arrays:
       f.write(array.astype(array.dtype.newbyteorder('<'), copy=False).tobytes())
-  os.replace(tmp, path)
 
 
 # --- the restricted unpickler ---------------------------------------------------------------
@@ -307,10 +308,15 @@ def _script_state_dict(obj: ScriptObject, archive: zipfile.ZipFile, prefix: str,
   return out
 
 
-def read_torch_zip_restricted(path: str) -> Any:
-  """A torch.save zip or TorchScript archive, read by the restricted unpickler (no torch)."""
+def read_torch_zip_restricted(path: str, data: str | io.BytesIO | None = None) -> Any:
+  """A torch.save zip or TorchScript archive, read by the restricted unpickler (no torch).
+
+  `data` is what zipfile reads (the file name, or the remote file's bytes); by default
+  `storage.readable(path)`.
+  """
+  data = storage.readable(path) if data is None else data
   try:
-    with zipfile.ZipFile(path) as archive:
+    with zipfile.ZipFile(data) as archive:
       names = archive.namelist()
       script = is_torchscript_archive(names)
       obj = _unpickle_zip(path, archive, allow_script_classes=script)
@@ -338,10 +344,10 @@ def _torch_to_numpy(value: Any, key: str, path: str) -> np.ndarray:
   return value.contiguous().numpy()
 
 
-def _torch_load(path: str) -> Any:
+def _torch_load(path: str, data: str | io.BytesIO) -> Any:
   import torch  # pylint: disable=g-import-not-at-top
   try:
-    return torch.load(path, map_location='cpu', weights_only=True)
+    return torch.load(data, map_location='cpu', weights_only=True)
   except pickle.UnpicklingError as e:
     raise UnsafeFileError(
         f'{path}: refused: torch.load(weights_only=True) could not read it; reading it would '
@@ -376,6 +382,13 @@ def _unwrap(obj: Any, path: str) -> Mapping[str, Any]:
   return obj
 
 
+def _first_byte(data: str | io.BytesIO) -> bytes:
+  if isinstance(data, io.BytesIO):
+    return data.read(1)
+  with storage.open(data, 'rb') as f:
+    return f.read(1)
+
+
 def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
   """The tensors of a weight file as numpy arrays, in the file's order and dtypes.
 
@@ -383,26 +396,32 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
   `state_dict` wrapper or `module.` prefix) and TorchScript archives; see the module
   docstring for how each is read safely.
   """
-  path = os.fspath(path)
-  if not os.path.isfile(path):
+  path = str(storage.resolve(path))
+  if not storage.is_file(path):
     raise FileNotFoundError(f'{path}: no such file')
-  with open(path, 'rb') as f:
-    magic = f.read(2)
-  if zipfile.is_zipfile(path):
-    with zipfile.ZipFile(path) as archive:
+  if path.endswith('.safetensors'):
+    return read_safetensors(path)[0]
+  data = storage.readable(path)   # the local file's name, or a remote file's bytes
+
+  def rewound() -> str | io.BytesIO:
+    if isinstance(data, io.BytesIO):
+      data.seek(0)
+    return data
+
+  if zipfile.is_zipfile(rewound()):
+    with zipfile.ZipFile(rewound()) as archive:
       script = is_torchscript_archive(archive.namelist())
-    obj = read_torch_zip_restricted(path) if script or not _has_torch() else _torch_load(path)
-  elif magic[:1] == b'\x80' and not path.endswith('.safetensors'):
+    obj = (read_torch_zip_restricted(path, rewound()) if script or not _has_torch()
+           else _torch_load(path, rewound()))
+  elif _first_byte(rewound()) == b'\x80':
     if not _has_torch():   # a legacy (pre-zip) torch.save pickle
       raise UnsafeFileError(f'{path}: a legacy PyTorch pickle; reading it safely needs torch '
                             "(pip install '.[torch]'), which is not installed")
-    obj = _torch_load(path)
+    obj = _torch_load(path, rewound())
   else:
     try:
       tensors, _ = read_safetensors(path)
     except CorruptFileError as e:
-      if path.endswith('.safetensors'):
-        raise
       raise CorruptFileError(f'{path}: neither a safetensors file nor a PyTorch zip archive or '
                              f'pickle ({e})') from None
     return tensors

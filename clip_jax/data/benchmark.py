@@ -26,6 +26,8 @@ import time
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from clip_jax import storage
+
 _WORDS = ('a photo of the small large red blue green dog cat man woman child car street house '
           'tree sky water beach mountain city night sunset old new wooden table with on in at '
           'near and black white vintage poster illustration closeup portrait view of from '
@@ -66,12 +68,11 @@ def write_benchmark_shards(folder: str, num_images: int, min_side: int, max_side
   records = (dict(image=make_photo(rng, *random_size(rng, min_side, max_side)),
                   caption=make_caption(rng)) for _ in range(num_images))
   write_tfrecord_shards(records, folder, num_shards)
-  return os.path.join(folder, '*.tfrecord')
+  return str(storage.join(folder, '*.tfrecord'))
 
 
 def glob_size(pattern: str) -> int:
-  import glob  # pylint: disable=import-outside-toplevel
-  return sum(os.path.getsize(p) for p in glob.glob(pattern))
+  return sum(storage.size(p) for p in storage.glob(pattern))
 
 
 def tokenizer_speed(tokenizer, num_captions: int = 50_000) -> float:
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
 
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   from clip_jax.data.pipeline import train_dataset  # pylint: disable=import-outside-toplevel
-  from clip_jax.data.sources import Source  # pylint: disable=import-outside-toplevel
+  from clip_jax.data.sources import Source, StreamControl  # pylint: disable=import-outside-toplevel
   from clip_jax.data.tokenizers import ClipBpeTokenizer  # pylint: disable=import-outside-toplevel
   cores = args.threads or len(os.sched_getaffinity(0))
   tokenizer = ClipBpeTokenizer()
@@ -118,19 +119,20 @@ def main(argv: list[str] | None = None) -> int:
             f'{size / args.num_images / 1024:.0f} KiB each on average) to {folder} in '
             f'{time.perf_counter() - start:.0f} s')
     source = Source(kind=args.source, pattern=pattern, name='--pattern')
+    control = StreamControl()
     dataset = train_dataset(source, batch_size=args.batch_size, image_size=args.image_size,
                             tokenizer=tokenizer, crop=args.crop, resize_method=args.resize_method,
-                            shuffle_buffer=1000, cycle_length=8)
+                            shuffle_buffer=1000, cycle_length=8, control=control)
     options = tf.data.Options()
     options.threading.private_threadpool_size = cores
-    batches = dataset.with_options(options).as_numpy_iterator()
+    batches = control.iterate(dataset.with_options(options))
     for _ in range(3):                                   # warm-up: tracing, buffers
       next(batches)
     start, cpu_start = time.perf_counter(), time.process_time()
     for _ in range(args.num_batches):
       batch = next(batches)
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
-    del batches                                          # stop the readers before the cleanup
+    control.finish()                                     # stop the readers before the cleanup
   images = args.num_batches * args.batch_size
   print(f'decode + {args.crop} crop + {args.resize_method} resize to {args.image_size} + '
         f'normalise + tokenize: {images / seconds:.0f} images/s on {cores} core(s) (wall '

@@ -18,11 +18,12 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from clip_jax import storage
 
 SHAPES = ('circle', 'square', 'triangle', 'cross', 'star', 'ring')
 COLOURS = {
@@ -144,10 +145,11 @@ def _png(image: np.ndarray) -> bytes:
   return buffer.getvalue()
 
 
-def prepare(output_dir: str, *, num_train: int = 8000, seed: int = 0, image_size: int = 32,
-            num_shards: int = 8, vocab_size: int = 512, captions_per_image: int = 3
-            ) -> dict[str, Any]:
-  """Writes the training shards and a SentencePiece tokenizer under `output_dir` (once).
+def prepare(output_dir: storage.PathLike, *, num_train: int = 8000, seed: int = 0,
+            image_size: int = 32, num_shards: int = 8, vocab_size: int = 512,
+            captions_per_image: int = 3) -> dict[str, Any]:
+  """Writes the training shards and a SentencePiece tokenizer under `output_dir` (once;
+  local or a bucket).
 
   Returns the manifest: `pattern` (the shards), `tokenizer` (the .model path),
   `num_train`, ... A directory already holding data of the same settings is reused,
@@ -158,14 +160,13 @@ def prepare(output_dir: str, *, num_train: int = 8000, seed: int = 0, image_size
   settings = dict(version=VERSION, num_train=int(num_train), seed=int(seed),
                   image_size=int(image_size), num_shards=int(num_shards),
                   vocab_size=int(vocab_size), captions_per_image=int(captions_per_image))
-  manifest_path = os.path.join(output_dir, MANIFEST)
-  if os.path.exists(manifest_path):
-    with open(manifest_path, encoding='utf-8') as f:
-      manifest = json.load(f)
+  output_dir = storage.resolve(output_dir)
+  manifest_path = output_dir / MANIFEST
+  if manifest_path.exists():
+    manifest = json.loads(storage.read_text(manifest_path))
     if ({k: manifest.get(k) for k in settings} == settings
-        and all(os.path.exists(p) for p in manifest['files'] + [manifest['tokenizer']])):
+        and all(storage.exists(p) for p in manifest['files'] + [manifest['tokenizer']])):
       return manifest
-  os.makedirs(output_dir, exist_ok=True)
   captions: list[str] = []
 
   def records() -> Iterator[dict]:
@@ -174,18 +175,17 @@ def prepare(output_dir: str, *, num_train: int = 8000, seed: int = 0, image_size
       captions.extend(record['caption'])
       yield dict(record, image=_png(record['image']))
 
-  files = write_tfrecord_shards(records(), os.path.join(output_dir, 'shards'), num_shards,
+  files = write_tfrecord_shards(records(), output_dir / 'shards', num_shards,
                                 prefix='scenes')
   # The prompts are text the model must read too: the tokenizer learns their words.
   prompts = [t.format(name) for name in class_names() for t in PROMPT_TEMPLATES]
   # BPE: whole words of this small closed vocabulary become single pieces (unigram
   # would keep many words spelt out and overflow the 16-token context).
-  tokenizer = train_sentencepiece(captions + prompts, os.path.join(output_dir, 'tokenizer'),
-                                  vocab_size, model_type='bpe')
+  tokenizer = train_sentencepiece(captions + prompts, output_dir / 'tokenizer', vocab_size,
+                                  model_type='bpe')
   manifest = dict(settings, files=files, tokenizer=tokenizer,
-                  pattern=os.path.join(output_dir, 'shards', 'scenes-*.tfrecord'),
+                  pattern=str(output_dir / 'shards' / 'scenes-*.tfrecord'),
                   classes=class_names(), held_out=[f'{c} {s}' for c, s in HELD_OUT])
-  with open(manifest_path + '.tmp', 'w', encoding='utf-8') as f:
-    json.dump(manifest, f, indent=2)
-  os.replace(manifest_path + '.tmp', manifest_path)   # written last: marks the data complete
+  # Written last (atomically): marks the data complete.
+  storage.write_text(manifest_path, json.dumps(manifest, indent=2))
   return manifest

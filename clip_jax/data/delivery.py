@@ -127,9 +127,13 @@ class MeshPrefetcher:
     return self._state
 
   def close(self) -> None:
-    """Stops the background thread (it exits after the batch it is working on)."""
+    """Stops the background thread (it exits after the batch it is working on), then the
+    wrapped iterator if it can be closed (TrainIterator: its tf.data readers)."""
     self._stop.set()
     self._thread.join(timeout=10)
+    close = getattr(self._iterator, 'close', None)
+    if callable(close):
+      close()
 
   def __del__(self):
     stop = getattr(self, '_stop', None)   # absent when __init__ refused its arguments

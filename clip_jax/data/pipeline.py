@@ -15,6 +15,8 @@ Train stream, per host (exact resume by design):
      are dropped. Skipped = raw records read - samples emitted, exactly.
   5. Batch (per-host size), tokenise the captions (numpy tokenizer via
      `tf.numpy_function`, one call per batch), prefetch.
+Shards are read by Python generators (clip_jax.data.sources), so a stream is ended
+through its StreamControl, never just dropped; TrainIterator and EvalIterator do that.
 The iterator's state is the position after the last sample of the last batch returned
 (`{epoch, group, offset, raw_seen, emitted}`, plus a fingerprint of what defines the
 order). Restoring rebuilds the stream at (epoch, group) and skips `offset` raw records
@@ -39,8 +41,9 @@ from typing import Any, Callable, Iterator, Mapping
 import numpy as np
 import tensorflow as tf
 
+from clip_jax import storage
 from clip_jax.data import preprocess
-from clip_jax.data.sources import Source, host_files
+from clip_jax.data.sources import Source, StreamControl, host_files
 from clip_jax.data.tokenizers import Tokenizer, get_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -64,13 +67,16 @@ def initial_state() -> dict[str, int]:
 
 
 def _file_groups(num_files: int, seed: int, cycle_length: int, start_epoch: int,
-                 start_group: int, start_offset: int) -> Iterator[tuple]:
-  """(epoch, group, file indices, shuffle seed, crop key, raw records to skip), forever."""
+                 start_group: int, start_offset: int, control: StreamControl
+                 ) -> Iterator[tuple]:
+  """(epoch, group, file indices, shuffle seed, crop key, raw records to skip), until stopped."""
   epoch, first_group, skip = start_epoch, start_group, start_offset
-  while True:
+  while not control.stopped:
     order = np.random.default_rng([seed, epoch]).permutation(num_files)
     groups = [order[i:i + cycle_length] for i in range(0, num_files, cycle_length)]
     for group in range(first_group, len(groups)):
+      if control.stopped:
+        return
       keys = np.random.default_rng([seed, epoch, group]).integers(0, 2**62, size=3)
       yield (np.int64(epoch), np.int64(group), groups[group].astype(np.int64), keys[0],
              keys[1:], np.int64(skip))
@@ -125,14 +131,19 @@ def train_dataset(source: Source, *, batch_size: int, image_size: int, tokenizer
                   crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
                   resize_method: str = 'bicubic', shuffle_buffer: int = 10_000,
                   cycle_length: int = 16, num_parallel_calls: int = -1,
-                  prefetch: int = 2) -> tf.data.Dataset:
+                  prefetch: int = 2, control: StreamControl | None = None) -> tf.data.Dataset:
   """The endless train stream of one host, from `state` (see the module docstring).
+
+  Storage errors of its readers are recorded in `control`, which also ends the stream:
+  iterate it with `control.iterate(dataset)` and end it with `control.finish()` (an
+  iterator of it must not simply be dropped, see StreamControl).
 
   Batches are dicts of `image` float32 [B, S, S, 3], `text` int32 [B, context], `label`
   int32 [B] when `source.label_key` is set, and position columns `_epoch`, `_group`,
   `_offset`, `_raw_index` (int64 [B]) that TrainIterator turns into its state.
   """
   state = dict(initial_state(), **(state or {}))
+  control = control if control is not None else StreamControl()
   parallel = AUTOTUNE if num_parallel_calls < 0 else num_parallel_calls
   with_label = bool(source.label_key)
   if source.kind == 'tfds':
@@ -146,12 +157,13 @@ def train_dataset(source: Source, *, batch_size: int, image_size: int, tokenizer
 
     def read_group(file_indices: tf.Tensor) -> tf.data.Dataset:
       names = tf.data.Dataset.from_tensor_slices(tf.gather(file_names, file_indices))
-      return names.interleave(source.read_file, cycle_length=cycle_length, block_length=1,
+      return names.interleave(lambda path: source.read_file(path, control),
+                              cycle_length=cycle_length, block_length=1,
                               num_parallel_calls=min(cycle_length, 16), deterministic=True)
 
   groups = tf.data.Dataset.from_generator(
       lambda: _file_groups(num_files, seed, cycle_length, state['epoch'], state['group'],
-                           state['offset']),
+                           state['offset'], control),
       output_signature=(tf.TensorSpec([], tf.int64), tf.TensorSpec([], tf.int64),
                         tf.TensorSpec([None], tf.int64), tf.TensorSpec([], tf.int64),
                         tf.TensorSpec([2], tf.int64), tf.TensorSpec([], tf.int64)))
@@ -160,6 +172,8 @@ def train_dataset(source: Source, *, batch_size: int, image_size: int, tokenizer
     records = read_group(file_indices)
     if shuffle_buffer > 1:
       records = records.shuffle(shuffle_buffer, seed=shuffle_seed)
+    # Once stopped, a group ends here: its shuffle buffer is not decoded on the way out.
+    records = records.take_while(control.keep_going)
     return records.enumerate().skip(skip).map(
         lambda offset, raw: dict(raw=raw, _epoch=epoch, _group=group, _offset=offset,
                                  _key=crop_key))
@@ -195,12 +209,16 @@ class TrainIterator:
 
   `state_dict()` after a batch, passed to `restore()` (or to `make_train_iterator(...,
   state=)`), continues with exactly the batch that would have come next.
-  `num_skipped` counts the samples dropped so far (corrupt, no caption, ...).
+  `num_skipped` counts the samples dropped so far (corrupt, no caption, ...). A storage
+  fault its readers could not get past is raised (StorageError) instead of a batch.
+  `close()` ends the stream (also when the iterator is garbage-collected).
   """
 
-  def __init__(self, build: Callable[[Mapping[str, int]], tf.data.Dataset], fingerprint: str,
-               state: Mapping[str, Any] | None = None, process_index: int = 0):
+  def __init__(self, build: Callable[[Mapping[str, int], StreamControl], tf.data.Dataset],
+               fingerprint: str, state: Mapping[str, Any] | None = None,
+               process_index: int = 0):
     self._build = build
+    self._control: StreamControl | None = None
     self._fingerprint = fingerprint
     self._process_index = process_index
     self._iterator: Iterator[dict[str, np.ndarray]] | None = None
@@ -222,15 +240,20 @@ class TrainIterator:
                        f'{saved} != {self._fingerprint}); resume with the same config.data, '
                        'config.seed and number of hosts')
     self._position = {k: int(state.get(k, 0)) for k in initial_state()}
-    self._iterator = None   # built lazily: restoring twice costs nothing
+    self.close()   # the next batch comes from a stream built lazily at the new position
 
   def __iter__(self) -> 'TrainIterator':
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
     if self._iterator is None:
-      self._iterator = self._build(self._position).as_numpy_iterator()
-    batch = next(self._iterator)
+      self._control = StreamControl()
+      self._iterator = self._control.iterate(self._build(self._position, self._control))
+    try:
+      batch = next(self._iterator)
+    finally:
+      # A batch completed after a reader gave up may lack that reader's samples.
+      self._control.check()
     last = {k: int(batch[k][-1]) for k in _POSITION_KEYS}
     self._position = dict(epoch=last['_epoch'], group=last['_group'], offset=last['_offset'] + 1,
                           raw_seen=last['_raw_index'] + 1,
@@ -245,17 +268,28 @@ class TrainIterator:
   def state_dict(self) -> dict[str, Any]:
     return dict(self._position, version=STATE_VERSION, fingerprint=self._fingerprint)
 
+  def close(self) -> None:
+    """Ends the stream's readers (the position is kept: the next batch restarts there)."""
+    control = getattr(self, '_control', None)
+    self._iterator = self._control = None
+    if control is not None:
+      control.finish()
+
+  def __del__(self):
+    self.close()
+
 
 def _check_readable(source: Source, process_index: int, process_count: int) -> None:
   """Fails with the source's name if this host's data holds no decodable sample at all
   (an endless stream would otherwise wait forever)."""
+  control = StreamControl()
   if source.kind == 'tfds':
     samples, _ = source.tfds_dataset(process_index, process_count)
     where = f'TFDS {source.tfds_name}:{source.tfds_split}'
   else:
     files = host_files(source.files(), process_index, process_count, f'{source.name}.pattern')
     samples = tf.data.Dataset.from_tensor_slices(files).interleave(
-        source.read_file, cycle_length=1).map(source.parse)
+        lambda path: source.read_file(path, control), cycle_length=1).map(source.parse)
     where = f'{len(files)} file(s) of host {process_index} ({", ".join(files[:3])}' + (
         ', ...)' if len(files) > 3 else ')')
 
@@ -265,10 +299,24 @@ def _check_readable(source: Source, process_index: int, process_count: int) -> N
     ok = _choose_caption(sample['captions'], None)[1] & tf.reduce_all(tf.math.is_finite(pixels))
     return ok & (sample['label'] >= 0) if source.label_key else ok
 
-  if not list(samples.ignore_errors().map(usable).ignore_errors().filter(
-      lambda ok: ok).take(1).as_numpy_iterator()):
+  # take(1) ends the stream inside tf.data, readers included (see StreamControl).
+  found = list(samples.ignore_errors().map(usable).ignore_errors().filter(
+      lambda ok: ok).take(1).as_numpy_iterator())
+  control.check()
+  if not found:
     raise ValueError(f'{source.name}: no readable sample (decodable image with a caption'
                      f'{" and a label" if source.label_key else ""}) in {where}')
+
+
+def read_policy(data: Mapping[str, Any]) -> storage.RetryPolicy:
+  """config.data.read_attempts / read_retry_seconds as the shard readers' retry policy."""
+  attempts, delay = data['read_attempts'], data['read_retry_seconds']
+  if not isinstance(attempts, int) or attempts < 1:
+    raise ValueError(f'config.data.read_attempts: expected an integer >= 1, got {attempts!r}')
+  if not isinstance(delay, (int, float)) or delay < 0:
+    raise ValueError(f'config.data.read_retry_seconds: expected a number >= 0, got {delay!r}')
+  return storage.RetryPolicy(attempts=attempts, delay=float(delay),
+                             max_delay=max(float(delay), 60.0))
 
 
 def _data_options(data: Mapping[str, Any]) -> dict[str, Any]:
@@ -304,7 +352,7 @@ def make_train_iterator(config: Any, tokenizer: Tokenizer | None = None, *,
   if config.batch_size % process_count:
     raise ValueError(f'config.batch_size: {config.batch_size} is not divisible by the '
                      f'{process_count} hosts')
-  source = Source.from_config(config.data.train, 'config.data.train')
+  source = Source.from_config(config.data.train, 'config.data.train', read_policy(config.data))
   tokenizer = tokenizer or get_tokenizer(config.data.tokenizer)
   options = _data_options(config.data)
   files = [] if source.kind == 'tfds' else host_files(
@@ -312,41 +360,48 @@ def make_train_iterator(config: Any, tokenizer: Tokenizer | None = None, *,
   _check_readable(source, process_index, process_count)
   fingerprint = _fingerprint(source, files, int(config.seed), process_index, process_count,
                              options['shuffle_buffer'], options['cycle_length'])
-  build = lambda position: train_dataset(  # noqa: E731
+  build = lambda position, control: train_dataset(  # noqa: E731
       source, batch_size=config.batch_size // process_count,
       image_size=int(config.model.vision.image_size), tokenizer=tokenizer,
       seed=int(config.seed), process_index=process_index, process_count=process_count,
-      state=position, **options)
+      state=position, control=control, **options)
   return TrainIterator(build, fingerprint, state, process_index)
 
 
-def _count_records(source: Source, files: list[str]) -> int:
+def _count_records(source: Source, files: list[str], control: StreamControl) -> int:
   records = tf.data.Dataset.from_tensor_slices(files).interleave(
-      source.read_file, cycle_length=min(len(files), 8), num_parallel_calls=AUTOTUNE,
-      deterministic=True)
-  return int(records.reduce(np.int64(0), lambda count, _: count + 1))
+      lambda path: source.read_file(path, control), cycle_length=min(len(files), 8),
+      num_parallel_calls=AUTOTUNE, deterministic=True)
+  count = int(records.reduce(np.int64(0), lambda count, _: count + 1))
+  control.check()
+  return count
 
 
 def eval_dataset(source: Source, *, batch_size: int, image_size: int,
                  tokenizer: Tokenizer | None = None, process_index: int = 0,
                  process_count: int = 1, num_examples: int | None = None,
                  resize_method: str = 'bicubic', num_parallel_calls: int = -1,
-                 prefetch: int = 2) -> tuple[tf.data.Dataset, int, int]:
+                 prefetch: int = 2, control: StreamControl | None = None
+                 ) -> tuple[tf.data.Dataset, int, int]:
   """(dataset, number of batches (the same on every host), examples of this host).
 
   Batches: `image`, `mask` (bool, False on padding), `label` when `source.label_key`
   is set, `text` (the first caption, tokenised) when a tokenizer is given.
   `num_examples` (all hosts together) saves a counting pass over TFRecord/tar files.
+  Storage errors of its readers are recorded in `control`, which also ends the stream
+  early (`control.iterate` / `control.finish`, as for train_dataset).
   """
+  control = control if control is not None else StreamControl()
   parallel = AUTOTUNE if num_parallel_calls < 0 else num_parallel_calls
   if source.kind == 'tfds':
     samples, host_count = source.tfds_dataset(process_index, process_count)
     total = int(source.tfds_builder().info.splits[source.tfds_split].num_examples)
   else:
     files = source.files()
-    total = _count_records(source, files) if num_examples is None else int(num_examples)
+    total = (_count_records(source, files, control) if num_examples is None
+             else int(num_examples))
     records = tf.data.Dataset.from_tensor_slices(files).interleave(
-        source.read_file, cycle_length=1)
+        lambda path: source.read_file(path, control), cycle_length=1)
     samples = records.shard(process_count, process_index).map(source.parse)
     host_count = len(range(process_index, total, process_count))
   num_batches = math.ceil(math.ceil(total / process_count) / batch_size)
@@ -363,6 +418,7 @@ def eval_dataset(source: Source, *, batch_size: int, image_size: int,
   padding = tf.data.Dataset.from_tensors(dict(
       image=tf.zeros([image_size, image_size, 3]), caption=tf.constant(''),
       label=tf.constant(-1, tf.int32), mask=tf.constant(False))).repeat(num_batches * batch_size)
+  padding = padding.take_while(control.keep_going)   # once stopped, no padding is made
   batches = examples.concatenate(padding).take(num_batches * batch_size).batch(batch_size)
 
   def finish(batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
@@ -381,11 +437,14 @@ class EvalIterator:
   """The eval batches of one host; `len()` is the same on every host.
 
   `num_skipped` (after the last batch) counts this host's examples that could not be
-  decoded; their places are padding.
+  decoded; their places are padding. A storage fault is raised (StorageError). Leaving
+  a loop over it early ends its readers properly; `take(n)` ends it sooner.
   """
 
-  def __init__(self, dataset: tf.data.Dataset, num_batches: int, host_count: int):
+  def __init__(self, dataset: tf.data.Dataset, num_batches: int, host_count: int,
+               control: StreamControl):
     self._dataset = dataset
+    self._control = control
     self.num_batches = num_batches
     self.host_count = host_count
     self._real = 0
@@ -393,11 +452,22 @@ class EvalIterator:
   def __len__(self) -> int:
     return self.num_batches
 
+  def take(self, count: int) -> 'EvalIterator':
+    """The first `count` batches only, ended inside tf.data (every host must take as many)."""
+    self._dataset = self._dataset.take(count)
+    self.num_batches = min(self.num_batches, count)
+    return self
+
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
     self._real = 0
-    for batch in self._dataset.as_numpy_iterator():
-      self._real += int(batch['mask'].sum())
-      yield batch
+    try:
+      for batch in self._control.iterate(self._dataset):
+        self._control.check()
+        self._real += int(batch['mask'].sum())
+        yield batch
+      self._control.check()
+    finally:
+      self._control.finish()
 
   @property
   def num_skipped(self) -> int:
@@ -413,8 +483,9 @@ def make_eval_iterator(source: Source | Mapping[str, Any], *, batch_size: int, i
   if not isinstance(source, Source):
     source = Source.from_config(source, 'eval source')
   process_index, process_count = _processes(process_index, process_count)
+  control = StreamControl()
   dataset, num_batches, host_count = eval_dataset(
       source, batch_size=batch_size, image_size=image_size, tokenizer=tokenizer,
       process_index=process_index, process_count=process_count, num_examples=num_examples,
-      resize_method=resize_method)
-  return EvalIterator(dataset, num_batches, host_count)
+      resize_method=resize_method, control=control)
+  return EvalIterator(dataset, num_batches, host_count, control)

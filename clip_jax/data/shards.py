@@ -15,9 +15,14 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
+from clip_jax import storage
+from clip_jax.data.tfrecord import ShardWriter
 
-def shard_paths(output_dir: str, num_shards: int, prefix: str = 'shard') -> list[str]:
-  return [f'{output_dir.rstrip("/")}/{prefix}-{i:05d}-of-{num_shards:05d}.tfrecord'
+
+def shard_paths(output_dir: storage.PathLike, num_shards: int, prefix: str = 'shard'
+                ) -> list[str]:
+  """`<output_dir>/<prefix>-00000-of-00008.tfrecord`, ... (absolute, or URLs)."""
+  return [str(storage.join(output_dir, f'{prefix}-{i:05d}-of-{num_shards:05d}.tfrecord'))
           for i in range(num_shards)]
 
 
@@ -82,23 +87,29 @@ def make_example(record: Mapping[str, Any], index: int = 0, image_size: int | No
   return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString()
 
 
-def write_tfrecord_shards(records: Iterable[Mapping[str, Any]], output_dir: str, num_shards: int,
-                          *, prefix: str = 'shard', image_size: int | None = None,
+def write_tfrecord_shards(records: Iterable[Mapping[str, Any]], output_dir: storage.PathLike,
+                          num_shards: int, *, prefix: str = 'shard', image_size: int | None = None,
                           quality: int = 95) -> list[str]:
   """Writes `records` round-robin into `num_shards` TFRecord files; returns their paths.
 
-  `image_size` downscales every image so its shorter side is at most that (re-encoded
-  as JPEG); without it, encoded images are stored byte for byte.
+  `output_dir` is local or a bucket; each shard appears whole or not at all (a failure
+  half-way leaves none of the shards). `image_size` downscales every image so its
+  shorter side is at most that (re-encoded as JPEG); without it, encoded images are
+  stored byte for byte.
   """
   if num_shards < 1:
     raise ValueError(f'num_shards: expected >= 1, got {num_shards}')
-  tf.io.gfile.makedirs(output_dir)
   paths = shard_paths(output_dir, num_shards, prefix)
-  writers = [tf.io.TFRecordWriter(path) for path in paths]
+  writers: list[ShardWriter] = []
+  error: BaseException | None = None
   try:
+    writers = [ShardWriter(path) for path in paths]
     for index, record in enumerate(records):
       writers[index % num_shards].write(make_example(record, index, image_size, quality))
+  except BaseException as failure:
+    error = failure
+    raise
   finally:
     for writer in writers:
-      writer.close()
+      writer.close(error)
   return paths

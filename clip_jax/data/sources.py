@@ -14,28 +14,46 @@ Other names (e.g. img2dataset's `jpg` / `txt`) are set with `image_key` / `capti
 
 Webdataset `.tar` shards (img2dataset layout): members `KEY.jpg|jpeg|png|webp`,
 `KEY.txt` (the caption), `KEY.json`, optionally `KEY.cls` (a label); the members of one
-sample are adjacent. Tar files are parsed with Python's `tarfile` over `tf.io.gfile`
-inside the tf.data graph (`from_generator`), so `gs://` paths work.
+sample are adjacent.
 
 TFDS: a dataset already prepared under `data_dir` (nothing is downloaded).
 
-Paths are local or anything tf.io.gfile reads (`gs://`). A pattern is a comma-separated
-list of globs and `{00000..00099}` ranges (webdataset's brace notation).
+Paths are local (relative ones from the current directory) or URLs (`gs://`). Every byte
+of a TFRecord or tar shard is read in Python through clip_jax.storage (the TFRecord
+framing in clip_jax.data.tfrecord, tars with `tarfile`) and handed to tf.data with
+`from_generator`. A pattern is a comma-separated list of globs and `{00000..00099}`
+ranges (webdataset's brace notation).
+
+Storage faults are not data faults. A read that fails (connection reset, HTTP 5xx, an
+object that vanished) is retried from its byte offset (`config.data.read_attempts`,
+`config.data.read_retry_seconds`). When it keeps failing, the reader records the
+StorageError in the stream's `StreamControl` and the stream's iterator raises it before
+it hands out any batch the fault could have touched: tf.data's `ignore_errors`, which drops
+corrupt samples, would otherwise swallow it and end the shard early. A file named by a
+range that does not exist is skipped with a warning (img2dataset leaves gaps). Corrupt
+records, undecodable images and empty captions are skipped and counted; a shard whose
+framing breaks off is read up to there (one skipped sample is counted for the rest).
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import dataclasses
 import itertools
 import logging
-import os
+import posixpath
 import re
-import sys
 import tarfile
+import threading
+import weakref
 from typing import Any, Iterator, Mapping
 
 import numpy as np
 import tensorflow as tf
+
+from clip_jax import storage
+from clip_jax.data import tfrecord
 
 logger = logging.getLogger(__name__)
 
@@ -75,17 +93,17 @@ def _expand_ranges(pattern: str) -> list[str]:
 def expand_pattern(pattern: str | list[str] | tuple[str, ...], name: str = 'pattern') -> list[str]:
   """Files named by a pattern (or a list of files/patterns), in a stable sorted order.
 
-  Globs are listed with tf.io.gfile; range-expanded and plain names are kept as they are
-  (a missing one is logged and skipped when read).
+  Globs are listed through clip_jax.storage; range-expanded and plain names are kept
+  (a missing one is logged and skipped when read). Local paths come back absolute.
   """
   items = list(pattern) if isinstance(pattern, (list, tuple)) else _split_top_level_commas(pattern)
   files = []
   for item in items:
     for path in _expand_ranges(item):
       if any(c in path for c in '*?['):
-        files += sorted(tf.io.gfile.glob(path))
+        files += storage.glob(path)
       else:
-        files.append(path)
+        files.append(str(storage.resolve(path)))
   if not files:
     raise ValueError(f'{name}: no file matches {pattern!r}; expected globs or {{000..099}} '
                      'ranges, comma-separated, of local or gs:// paths')
@@ -103,36 +121,144 @@ def host_files(files: list[str], process_index: int, process_count: int,
   return files[process_index::process_count]
 
 
-def _exists(path: tf.Tensor) -> tf.Tensor:
-  """In-graph: whether `path` exists (printing a warning when it does not)."""
-  found = tf.size(tf.io.matching_files(path)) > 0
+class StreamControl:
+  """What a tf.data stream fed by Python readers needs from outside: faults and a stop.
 
-  def warn() -> tf.Tensor:
-    tf.print('clip_jax.data: skipping missing file', path, output_stream=sys.stderr)
-    return found
+  Faults: tf.data turns an exception of a `from_generator` reader into an element error,
+  and `ignore_errors` (there to drop corrupt samples) would drop it too. The reader
+  records its StorageError here first, and the stream's iterator raises it (`check`).
 
-  return tf.cond(found, lambda: found, warn)
+  Stop: a tf.data iterator whose Python readers are running must not be destroyed from
+  Python: its destructor waits for them with the interpreter lock held, and they need
+  that lock to finish (a deadlock). So a stream is iterated through its control
+  (`iterate`) and ended by it (`finish`): the readers return at their next record
+  (`stopped`), buffers that would only delay the end are cut (`dataset.take_while(
+  control.keep_going)` inside the stream), and the iterator is run to its end, after
+  which nothing is in flight and it can be dropped. Streams still open when the
+  interpreter exits are finished then, while tensorflow is still whole.
+  """
+
+  def __init__(self):
+    self._lock = threading.Lock()
+    self._errors: list[storage.StorageError] = []
+    self._stopped = threading.Event()
+    self._running = tf.Variable(True, trainable=False)
+    self._iterator: Iterator[Any] | None = None
+    _OPEN_STREAMS.add(self)
+
+  def record(self, error: storage.StorageError) -> None:
+    with self._lock:
+      if not self.stopped:   # a reader cut short by the stop is no fault
+        self._errors.append(error)
+
+  def check(self) -> None:
+    """Raises the first recorded StorageError, if any."""
+    with self._lock:
+      if self._errors:
+        raise self._errors[0]
+
+  @property
+  def stopped(self) -> bool:
+    return self._stopped.is_set()
+
+  @property
+  def stop_event(self) -> threading.Event:
+    """Set when the stream is finished: readers stop retrying and waiting."""
+    return self._stopped
+
+  def keep_going(self, *unused: Any) -> tf.Tensor:
+    """A take_while predicate: True until the stream is finished."""
+    return self._running.read_value()
+
+  def iterate(self, dataset: tf.data.Dataset) -> Iterator[Any]:
+    """Numpy elements of `dataset`, the stream this control ends."""
+    self._iterator = dataset.as_numpy_iterator()
+    return self._iterator
+
+  def finish(self) -> None:
+    """Stops the readers and runs the iterator to its end (then it is safe to drop)."""
+    iterator, self._iterator = self._iterator, None
+    if self.stopped and iterator is None:
+      return   # finished already (e.g. at exit, before the garbage collector got here)
+    self._stopped.set()
+    self._running.assign(False)
+    if iterator is not None:
+      for _ in iterator:
+        pass
 
 
-def _wds_members(path: str) -> Iterator[tuple[str, str, bytes]]:
-  """(sample key, extension, data) of each file member of a tar; logs and stops at damage."""
+_OPEN_STREAMS: 'weakref.WeakSet[StreamControl]' = weakref.WeakSet()
+
+
+@atexit.register
+def _finish_open_streams() -> None:
+  for control in list(_OPEN_STREAMS):
+    control.finish()
+
+
+@contextlib.contextmanager
+def _shard(path: str, retry: storage.RetryPolicy, control: StreamControl
+           ) -> Iterator[Any]:
+  """A retrying stream over a shard (None, with a warning, if the file does not exist).
+
+  A StorageError, opening or reading, is recorded in `control` on its way out.
+  """
   try:
-    with tf.io.gfile.GFile(path, 'rb') as stream, tarfile.open(fileobj=stream, mode='r|*') as tar:
-      for member in tar:
-        if not member.isfile():
-          continue
-        folder, base = os.path.split(member.name)
-        if '.' not in base or base.startswith('.'):
-          continue
-        stem, extension = base.split('.', 1)
-        data = tar.extractfile(member).read()
-        yield os.path.join(folder, stem), extension.lower(), data
-  except (tarfile.TarError, OSError, EOFError, tf.errors.OpError) as error:
-    logger.warning('skipping the rest of unreadable shard %s: %s', path, error)
+    try:
+      stream = storage.open_for_reading(path, retry, control.stop_event)
+    except FileNotFoundError:
+      logger.warning('skipping missing file %s', path)
+      stream = None
+    with stream if stream is not None else contextlib.nullcontext():
+      yield stream
+  except storage.StorageError as error:
+    control.record(error)
+    raise
+
+
+def _tfrecord_payloads(path: str, retry: storage.RetryPolicy,
+                       control: StreamControl) -> Iterator[bytes]:
+  """Serialized records of one TFRecord file; b'' for a corrupt one (skipped and counted)."""
+  with _shard(path, retry, control) as stream:
+    if stream is None:
+      return
+    try:
+      for payload in tfrecord.read_records(stream, path):
+        if control.stopped:
+          return
+        yield b'' if payload is None else payload
+    except tfrecord.CorruptShardError as error:
+      logger.warning('skipping the rest of %s', error)
+      yield b''
+
+
+def _wds_members(path: str, retry: storage.RetryPolicy, control: StreamControl
+                 ) -> Iterator[tuple[str, str, bytes]]:
+  """(sample key, extension, data) of each file member of a tar; stops at damage (logged)."""
+  with _shard(path, retry, control) as stream:
+    if stream is None:
+      return
+    try:
+      with tarfile.open(fileobj=stream, mode='r|*') as tar:
+        for member in tar:
+          if control.stopped:
+            return
+          if not member.isfile():
+            continue
+          folder, base = posixpath.split(member.name)
+          if '.' not in base or base.startswith('.'):
+            continue
+          stem, extension = base.split('.', 1)
+          data = tar.extractfile(member).read()
+          yield posixpath.join(folder, stem), extension.lower(), data
+    except (tarfile.TarError, EOFError) as error:
+      logger.warning('skipping the rest of unreadable shard %s: %s', path, error)
 
 
 def wds_samples(path: str, image_extensions: tuple[str, ...], caption_extension: str,
-                label_extension: str = '') -> Iterator[tuple[bytes, np.ndarray, int]]:
+                label_extension: str = '', retry: storage.RetryPolicy = storage.RetryPolicy(),
+                control: StreamControl | None = None
+                ) -> Iterator[tuple[bytes, np.ndarray, int]]:
   """(image bytes, captions, label) per sample of an img2dataset tar shard.
 
   A sample without an image or a caption yields an empty value (skipped and counted
@@ -153,7 +279,7 @@ def wds_samples(path: str, image_extensions: tuple[str, ...], caption_extension:
     path = path.decode('utf-8')
   wanted = set(image_extensions) | {caption_extension, label_extension}
   key, parts = None, {}
-  for sample_key, extension, data in _wds_members(path):
+  for sample_key, extension, data in _wds_members(path, retry, control or StreamControl()):
     if sample_key != key:
       if parts:
         yield finish(parts)
@@ -162,6 +288,24 @@ def wds_samples(path: str, image_extensions: tuple[str, ...], caption_extension:
       parts[extension] = data
   if parts:
     yield finish(parts)
+
+
+_CHUNK = 64
+
+
+def _chunks(elements: Iterator[Any]) -> Iterator[Any]:
+  """Up to `_CHUNK` elements at a time: arrays of bytes, or tuples of column arrays."""
+  rows = []
+  for element in itertools.chain(elements, [None]):
+    if element is not None:
+      rows.append(element)
+    if rows and (len(rows) == _CHUNK or element is None):
+      if isinstance(rows[0], tuple):
+        yield tuple(np.array(column, dtype=object if isinstance(column[0], (bytes, np.ndarray))
+                             else np.int64) for column in zip(*rows))
+      else:
+        yield np.array(rows, dtype=object)
+      rows = []
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,6 +328,7 @@ class Source:
   label_key: str = ''
   caption_template: str = ''
   name: str = 'source'       # how errors name it, e.g. 'config.data.train'
+  retry: storage.RetryPolicy = storage.RetryPolicy()   # reads of shards
 
   def __post_init__(self):
     if self.kind not in SOURCE_KINDS:
@@ -199,10 +344,11 @@ class Source:
                        'for the class name')
 
   @classmethod
-  def from_config(cls, section: Mapping[str, Any], name: str = 'config.data.train') -> 'Source':
-    fields = {f.name for f in dataclasses.fields(cls)} - {'kind', 'name'}
+  def from_config(cls, section: Mapping[str, Any], name: str = 'config.data.train',
+                  retry: storage.RetryPolicy = storage.RetryPolicy()) -> 'Source':
+    fields = {f.name for f in dataclasses.fields(cls)} - {'kind', 'name', 'retry'}
     values = {k: section[k] for k in fields if k in section}
-    return cls(kind=section['source'], name=name, **values)
+    return cls(kind=section['source'], name=name, retry=retry, **values)
 
   @property
   def images(self) -> str:
@@ -215,20 +361,21 @@ class Source:
   def files(self) -> list[str]:
     return expand_pattern(self.pattern, f'{self.name}.pattern')
 
-  def read_file(self, path: tf.Tensor) -> tf.data.Dataset:
-    """Raw elements of one file; read errors end that file (logged), never the stream."""
+  def read_file(self, path: tf.Tensor, control: StreamControl) -> tf.data.Dataset:
+    """Raw elements of one file, read in Python through clip_jax.storage (see the module
+    docstring); a storage fault is recorded in `control`. Python hands tf.data up to
+    `_CHUNK` elements per call (each call costs about as much as decoding a small image)."""
     if self.kind == 'tfrecord':
-      # A missing file would fail every read attempt (ignore_errors would retry forever).
-      records = tf.data.Dataset.from_tensors(path).filter(_exists).flat_map(
-          lambda p: tf.data.TFRecordDataset(p, buffer_size=1 << 20))
-    else:
-      extensions = tuple(e.strip().lower() for e in self.images.split(',') if e.strip())
-      records = tf.data.Dataset.from_generator(
-          lambda p: wds_samples(p, extensions, self.captions.lower(), self.label_key.lower()),
-          args=(path,), output_signature=(tf.TensorSpec([], tf.string),
-                                          tf.TensorSpec([None], tf.string),
-                                          tf.TensorSpec([], tf.int64)))
-    return records.ignore_errors(log_warning=True)
+      return tf.data.Dataset.from_generator(
+          lambda p: _chunks(_tfrecord_payloads(p.decode('utf-8'), self.retry, control)),
+          args=(path,), output_signature=tf.TensorSpec([None], tf.string)).unbatch()
+    extensions = tuple(e.strip().lower() for e in self.images.split(',') if e.strip())
+    return tf.data.Dataset.from_generator(
+        lambda p: _chunks(wds_samples(p, extensions, self.captions.lower(),
+                                      self.label_key.lower(), self.retry, control)),
+        args=(path,), output_signature=(tf.TensorSpec([None], tf.string),
+                                        tf.TensorSpec([None, 1], tf.string),
+                                        tf.TensorSpec([None], tf.int64))).unbatch()
 
   def parse(self, *raw: Any) -> dict[str, tf.Tensor]:
     """A raw element -> {'image', 'captions' [K], 'label'}; bad records raise (and are skipped).
@@ -254,11 +401,12 @@ class Source:
   def tfds_builder(self):
     import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
     try:
-      builder = tfds.builder(self.tfds_name, data_dir=self.data_dir or None)
+      data_dir = str(storage.resolve(self.data_dir)) if self.data_dir else None
+      builder = tfds.builder(self.tfds_name, data_dir=data_dir)
     except Exception as error:  # pylint: disable=broad-except  (tfds raises many kinds)
       raise ValueError(f'{self.name}.tfds_name: cannot load TFDS dataset {self.tfds_name!r} '
                        f'from data_dir {self.data_dir!r}: {error}') from error
-    if not tf.io.gfile.exists(os.path.join(builder.data_dir, 'dataset_info.json')):
+    if not storage.exists(storage.join(builder.data_dir, 'dataset_info.json')):
       raise ValueError(f'{self.name}.tfds_name: {self.tfds_name!r} is not prepared under '
                        f'{self.name}.data_dir={self.data_dir!r} (found nothing at '
                        f'{builder.data_dir}); nothing is downloaded: prepare it first')
@@ -313,12 +461,18 @@ class Source:
 
 def iterate_captions(source: Source, max_count: int = 0) -> Iterator[str]:
   """The captions of a source, in file order, without decoding images (for tokenizer training)."""
+  control = StreamControl()
   if source.kind == 'tfds':
     samples, _ = source.tfds_dataset(0, 1)
   else:
     files = tf.data.Dataset.from_tensor_slices(source.files())
-    samples = files.interleave(source.read_file, cycle_length=1).map(source.parse).ignore_errors()
-  captions = samples.map(lambda s: s['captions']).unbatch()
-  for caption in itertools.islice(captions.as_numpy_iterator(), max_count or None):
-    yield caption.decode('utf-8', errors='replace')
-
+    samples = files.interleave(lambda path: source.read_file(path, control),
+                               cycle_length=1).map(source.parse).ignore_errors()
+  captions = samples.map(lambda s: s['captions']).unbatch().take(max_count or -1)
+  try:
+    for caption in control.iterate(captions):
+      control.check()
+      yield caption.decode('utf-8', errors='replace')
+    control.check()
+  finally:
+    control.finish()

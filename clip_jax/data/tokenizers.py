@@ -27,6 +27,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from clip_jax import storage
+
 CLIP_BPE_FILENAME = 'bpe_simple_vocab_16e6.txt.gz'
 # Packages that ship OpenAI's merges file next to their code.
 _VOCAB_PACKAGES = ('open_clip', 'clip')
@@ -62,10 +64,10 @@ def find_clip_bpe_vocab(vocab_path: str | None = None) -> str:
   Packages are located with importlib without importing them (no torch import).
   """
   if vocab_path:
-    if not os.path.exists(vocab_path):
+    if not storage.is_file(vocab_path):
       raise FileNotFoundError(f'config.data.tokenizer.vocab_path: {vocab_path!r} does not exist; '
                               f'expected OpenAI\'s {CLIP_BPE_FILENAME}')
-    return vocab_path
+    return str(storage.resolve(vocab_path))
   for package in _VOCAB_PACKAGES:
     try:
       spec = importlib.util.find_spec(package)
@@ -84,8 +86,7 @@ def find_clip_bpe_vocab(vocab_path: str | None = None) -> str:
 @functools.lru_cache(maxsize=4)
 def _load_clip_bpe(vocab_path: str) -> tuple[dict[str, int], dict[tuple[str, str], int]]:
   """(token -> id, merge pair -> rank) from OpenAI's gzip merges file (read once)."""
-  with gzip.open(vocab_path, 'rt', encoding='utf-8') as f:
-    lines = f.read().split('\n')
+  lines = gzip.decompress(storage.read_bytes(vocab_path)).decode('utf-8').split('\n')
   merges = [tuple(line.split()) for line in lines[1:_NUM_MERGES + 1]]
   if len(merges) != _NUM_MERGES or any(len(m) != 2 for m in merges):
     raise ValueError(f'{vocab_path}: expected {_NUM_MERGES} BPE merges after a header line, '
@@ -223,12 +224,14 @@ class SentencePieceTokenizer:
     if not model_path:
       raise ValueError('config.data.tokenizer.model_path: empty; expected a SentencePiece '
                        '.model file (train one with python -m clip_jax.data.train_tokenizer)')
-    if not os.path.exists(model_path):
+    if not storage.is_file(model_path):
       raise FileNotFoundError(f'config.data.tokenizer.model_path: {model_path!r} does not exist')
     if context_length < 2:
       raise ValueError(f'config.data.tokenizer.context_length: expected >= 2, got {context_length}')
-    self.model_path = model_path
-    self._processor = sentencepiece.SentencePieceProcessor(model_file=model_path)
+    self.model_path = str(storage.resolve(model_path))
+    # From the bytes: the model may be on a bucket, which SentencePiece cannot open.
+    self._processor = sentencepiece.SentencePieceProcessor(
+        model_proto=storage.read_bytes(self.model_path))
     self.context_length = int(context_length)
     self.vocab_size = int(self._processor.get_piece_size())
     self.sot_token_id = int(self._processor.bos_id())
@@ -266,8 +269,9 @@ def get_tokenizer(section: Any) -> Tokenizer:
                    f'{", ".join(TOKENIZER_TYPES)}')
 
 
-def train_sentencepiece(captions: Iterable[str], output_prefix: str, vocab_size: int, *,
-                        model_type: str = 'unigram', lowercase: bool = True) -> str:
+def train_sentencepiece(captions: Iterable[str], output_prefix: storage.PathLike,
+                        vocab_size: int, *, model_type: str = 'unigram',
+                        lowercase: bool = True) -> str:
   """Trains a SentencePiece model on captions; returns the path of `<output_prefix>.model`.
 
   Ids follow the house convention (pad 0, unk 1, start 2, end 3). `hard_vocab_limit`
@@ -278,11 +282,13 @@ def train_sentencepiece(captions: Iterable[str], output_prefix: str, vocab_size:
   texts = [t for t in texts if t]
   if not texts:
     raise ValueError(f'train_sentencepiece({output_prefix!r}): no non-empty caption to train on')
-  folder = os.path.dirname(os.path.abspath(output_prefix))
-  os.makedirs(folder, exist_ok=True)
-  sentencepiece.SentencePieceTrainer.train(
-      sentence_iterator=iter(texts), model_prefix=output_prefix, vocab_size=int(vocab_size),
-      model_type=model_type, pad_id=0, unk_id=1, bos_id=2, eos_id=3, hard_vocab_limit=False,
-      character_coverage=1.0, input_sentence_size=2_000_000, shuffle_input_sentence=True,
-      normalization_rule_name='nmt_nfkc_cf' if lowercase else 'nmt_nfkc', minloglevel=2)
-  return output_prefix + '.model'
+  prefix = storage.resolve(output_prefix)
+  # The trainer writes local files only; on a bucket they are made locally and copied up.
+  with storage.local_dir(prefix.parent) as folder:
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_prefix=os.path.join(folder, prefix.name),
+        vocab_size=int(vocab_size), model_type=model_type, pad_id=0, unk_id=1, bos_id=2,
+        eos_id=3, hard_vocab_limit=False, character_coverage=1.0,
+        input_sentence_size=2_000_000, shuffle_input_sentence=True,
+        normalization_rule_name='nmt_nfkc_cf' if lowercase else 'nmt_nfkc', minloglevel=2)
+  return f'{prefix}.model'

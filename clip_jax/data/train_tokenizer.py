@@ -14,22 +14,23 @@ config.data.tokenizer.model_path=<output_prefix>.model.
 from __future__ import annotations
 
 import argparse
+import io
 import itertools
 import sys
 from typing import Iterator
 
+from clip_jax import storage
 from clip_jax.data.tokenizers import SentencePieceTokenizer, train_sentencepiece
 
 
 def read_captions(input_pattern: str, source_kind: str, caption_key: str,
                   max_captions: int) -> Iterator[str]:
   """Captions from a text file (one per line) or from shards, at most `max_captions` (0: all)."""
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
-  from clip_jax.data.sources import Source, iterate_captions  # pylint: disable=import-outside-toplevel
   if source_kind == 'text':
-    with tf.io.gfile.GFile(input_pattern, 'r') as f:
+    with storage.open(input_pattern, 'rb') as raw, io.TextIOWrapper(raw, encoding='utf-8') as f:
       yield from itertools.islice((line.rstrip('\n') for line in f), max_captions or None)
     return
+  from clip_jax.data.sources import Source, iterate_captions  # pylint: disable=import-outside-toplevel
   source = Source(kind=source_kind, pattern=input_pattern, caption_key=caption_key, name='--input')
   yield from iterate_captions(source, max_captions)
 
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     captions = list(read_captions(args.input, kind, args.caption_key, args.max_captions))
     model_path = train_sentencepiece(captions, args.output_prefix, args.vocab_size,
                                      model_type=args.model_type)
-  except ValueError as error:
+  except (ValueError, OSError) as error:
     print(f'error: {error}', file=sys.stderr)
     return 2
   tokenizer = SentencePieceTokenizer(model_path, context_length=77)

@@ -16,19 +16,19 @@ import argparse
 import csv
 import io
 import json
-import os
 import sys
 from typing import Any, Iterator
 
-import tensorflow as tf
 from PIL import Image
 
+from clip_jax import storage
 from clip_jax.data.shards import write_tfrecord_shards
 
 
 def _rows(path: str, separator: str | None) -> Iterator[tuple[int, dict[str, Any]]]:
   """(line number, row dict) of a CSV/TSV with a header, or of a JSON-lines file."""
-  with tf.io.gfile.GFile(path, 'r') as f:
+  with storage.open(path, 'rb') as raw, io.TextIOWrapper(raw, encoding='utf-8',
+                                                         newline='') as f:
     if path.endswith(('.jsonl', '.json')):
       for number, line in enumerate(f, 1):
         if line.strip():
@@ -43,10 +43,12 @@ def _rows(path: str, separator: str | None) -> Iterator[tuple[int, dict[str, Any
 
 
 def _resolve(image_path: str, input_path: str) -> str:
-  beside_input = os.path.join(os.path.dirname(input_path), image_path)
-  if not os.path.isabs(image_path) and '://' not in image_path and os.path.exists(beside_input):
-    return beside_input
-  return image_path
+  """A relative image path is looked up beside the input file first, then in the cwd."""
+  if not storage.is_url(image_path) and not image_path.startswith(('/', '~')):
+    beside_input = storage.resolve(input_path).parent / image_path
+    if beside_input.exists():
+      return str(beside_input)
+  return str(storage.resolve(image_path))
 
 
 def good_records(input_path: str, image_column: str, caption_column: str, label_column: str,
@@ -80,11 +82,10 @@ def good_records(input_path: str, image_column: str, caption_column: str, label_
       except (TypeError, ValueError):
         bad.append((where, f'label {row[label_column]!r} is not an integer'))
         continue
-    if not tf.io.gfile.exists(path):
+    if not storage.exists(path):
       bad.append((where, 'missing file'))
       continue
-    with tf.io.gfile.GFile(path, 'rb') as f:
-      data = f.read()
+    data = storage.read_bytes(path)
     try:
       with Image.open(io.BytesIO(data)) as image:
         image.load()
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument('--separator', default=None, help='CSV separator (default: by extension)')
   parser.add_argument('--prefix', default='shard', help='shard file name prefix')
   args = parser.parse_args(argv)
-  if not tf.io.gfile.exists(args.input):
+  if not storage.is_file(args.input):
     parser.error(f'--input: {args.input} does not exist')
   bad: list[tuple[str, str]] = []
   written = [0]
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         counted(good_records(args.input, args.image_column, args.caption_column,
                              args.label_column, args.separator, bad)),
         args.output, args.num_shards, prefix=args.prefix, image_size=args.image_size or None)
-  except ValueError as error:
+  except (ValueError, OSError) as error:
     print(f'error: {error}', file=sys.stderr)
     return 2
   print(f'wrote {written[0]} records to {len(paths)} shards: {paths[0]} ... {paths[-1]}')

@@ -13,9 +13,9 @@ to --out (default: the workdir, else the current directory).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
+from clip_jax import storage
 from clip_jax.config import get_config
 from clip_jax.evaluate.features import fit_batch_size
 from clip_jax.evaluate.loading import load_for_evaluation
@@ -76,9 +76,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
       data_dir=args.data_dir, max_examples=args.max_examples)
   for task in args.tasks:
     eval_config[task] = args.dataset
-  out = args.out or args.workdir or '.'
+  out = storage.resolve(args.out or args.workdir or '.')
   # A fixed model evaluated again (other datasets, other splits) reuses its classifiers.
-  eval_config.cache_dir = args.cache_dir or os.path.join(out, 'eval_cache')
+  eval_config.cache_dir = str(storage.resolve(args.cache_dir) if args.cache_dir
+                              else out / 'eval_cache')
   print(f'evaluating {args.workdir or args.source} ({loaded.model_config.name}) on '
         f'{args.dataset}: {", ".join(args.tasks)}, {mesh.size} device(s)')
   # The linear probe alone reads no text: it runs without a tokenizer.
@@ -90,5 +91,5 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 if __name__ == '__main__':
   try:
     main()
-  except (ValueError, FileNotFoundError) as error:
+  except (ValueError, OSError) as error:
     sys.exit(f'error: {error}')

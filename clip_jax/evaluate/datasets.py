@@ -22,14 +22,17 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import io
 import json
 import os
+import posixpath
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
 from jax.sharding import Mesh
 from PIL import Image
 
+from clip_jax import storage
 from clip_jax.evaluate.features import host_batch_size, host_batches
 from clip_jax.models import architectures
 
@@ -66,9 +69,10 @@ def resize_center_crop(image: Image.Image, image_size: int) -> Image.Image:
   return image.crop((left, top, left + image_size, top + image_size))
 
 
-def load_image(path: str, image_size: int) -> np.ndarray:
-  """One image file as float32 [image_size, image_size, 3], CLIP-normalised."""
-  with Image.open(path) as image:
+def load_image(path: storage.PathLike, image_size: int) -> np.ndarray:
+  """One image file (local or on a bucket) as float32 [image_size, image_size, 3],
+  CLIP-normalised."""
+  with Image.open(io.BytesIO(storage.read_bytes(path))) as image:
     return normalize_pixels(np.asarray(resize_center_crop(image, image_size)))
 
 
@@ -90,20 +94,15 @@ class EvalData:
   skipped: list[str] = dataclasses.field(default_factory=list)   # unreadable files
 
 
-def list_images(folder: str) -> list[str]:
-  """Image files under `folder` (recursively), sorted by relative path."""
-  found = []
-  for root, _, files in os.walk(folder):
-    for name in files:
-      if name.lower().endswith(IMAGE_EXTENSIONS):
-        found.append(os.path.relpath(os.path.join(root, name), folder))
-  return sorted(found)
+def list_images(folder: storage.PathLike) -> list[str]:
+  """Image files under `folder` (recursively), as '/'-separated relative paths, sorted."""
+  return [f for f in storage.list_files(folder) if f.lower().endswith(IMAGE_EXTENSIONS)]
 
 
 def _file_batches(folder: str, files: Sequence[str], labels: np.ndarray, image_size: int,
                   skipped: list[str]) -> Callable[[int, Mesh], Iterator[dict[str, np.ndarray]]]:
   def load_one(index: int) -> np.ndarray | None:
-    path = os.path.join(folder, files[index])
+    path = str(storage.join(folder, files[index]))
     try:
       return load_image(path, image_size)
     except (OSError, ValueError) as error:   # a corrupt file is skipped and counted
@@ -132,40 +131,39 @@ def image_folder(folder: str, image_size: int, max_examples: int = 0, name: str 
   Class names are the sub-folder names with `_` read as a space; labels follow their
   sorted order. Without sub-folders, every image has label -1 (retrieval or embedding).
   """
-  if not os.path.isdir(folder):
+  if not storage.is_dir(folder):
     raise FileNotFoundError(f'{folder}: not a directory; expected an image folder')
   files = list_images(folder)
   if not files:
     raise ValueError(f'{folder}: no image files ({", ".join(IMAGE_EXTENSIONS)}) found')
-  class_dirs = sorted({f.split(os.sep)[0] for f in files if os.sep in f})
+  class_dirs = sorted({f.split('/')[0] for f in files if '/' in f})
   classnames = [d.replace('_', ' ') for d in class_dirs] or None
   if classnames:
-    files = [f for f in files if os.sep in f]
-    labels = np.array([class_dirs.index(f.split(os.sep)[0]) for f in files], np.int32)
+    files = [f for f in files if '/' in f]
+    labels = np.array([class_dirs.index(f.split('/')[0]) for f in files], np.int32)
   else:
     labels = np.full(len(files), -1, np.int32)
   captions = None
-  captions_path = os.path.join(folder, 'captions.jsonl')
-  if os.path.exists(captions_path):
-    files, labels, captions = _read_captions(captions_path, files, labels)
+  captions_path = storage.join(folder, 'captions.jsonl')
+  if captions_path.exists():
+    files, labels, captions = _read_captions(str(captions_path), files, labels)
   if max_examples and max_examples < len(files):
     # A fixed random subset, in file order: every class keeps its share.
     keep = np.sort(np.random.default_rng(0).permutation(len(files))[:max_examples])
     files, labels = [files[i] for i in keep], labels[keep]
     captions = [captions[i] for i in keep] if captions else None
-  data = image_files(folder, files, image_size, labels,
-                     name=name or os.path.basename(os.path.normpath(folder)))
+  data = image_files(folder, files, image_size, labels, name=name or storage.name(folder))
   data.classnames, data.captions = classnames, captions
   return data
 
 
-def image_files(folder: str, files: Sequence[str], image_size: int,
+def image_files(folder: storage.PathLike, files: Sequence[str], image_size: int,
                 labels: np.ndarray | None = None, name: str = '') -> EvalData:
   """Images `folder/<files[i]>` as example i (label -1 unless given); unreadable files
   are masked out and listed in `skipped`."""
   labels = np.full(len(files), -1, np.int32) if labels is None else np.asarray(labels, np.int32)
   skipped: list[str] = []
-  return EvalData(name=name or os.path.basename(os.path.normpath(folder)), num_examples=len(files),
+  return EvalData(name=name or storage.name(folder), num_examples=len(files),
                   batches=_file_batches(folder, list(files), labels, image_size, skipped),
                   skipped=skipped)
 
@@ -175,27 +173,26 @@ def _read_captions(path: str, files: list[str], labels: np.ndarray
   """Keeps the images that captions.jsonl describes, in the file's order."""
   label_of = dict(zip(files, labels.tolist()))
   kept, kept_labels, captions = [], [], []
-  with open(path, encoding='utf-8') as f:
-    for line_number, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        record = json.loads(line)
-        image, texts = record['image'], record['captions']
-      except (json.JSONDecodeError, KeyError, TypeError):
-        raise ValueError(f'{path}:{line_number}: expected a JSON object with "image" (a path '
-                         'relative to the folder) and "captions" (a list of strings)') from None
-      image = os.path.normpath(image)
-      if image not in label_of:
-        raise ValueError(f'{path}:{line_number}: image {image!r} is not an image file of '
-                         'the folder')
-      if isinstance(texts, str):
-        texts = [texts]
-      if not texts:
-        raise ValueError(f'{path}:{line_number}: image {image!r} has no captions')
-      kept.append(image)
-      kept_labels.append(label_of[image])
-      captions.append([str(t) for t in texts])
+  for line_number, line in enumerate(storage.read_text(path).splitlines(), 1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+      image, texts = record['image'], record['captions']
+    except (json.JSONDecodeError, KeyError, TypeError):
+      raise ValueError(f'{path}:{line_number}: expected a JSON object with "image" (a path '
+                       'relative to the folder) and "captions" (a list of strings)') from None
+    image = posixpath.normpath(str(image).replace(os.sep, '/'))
+    if image not in label_of:
+      raise ValueError(f'{path}:{line_number}: image {image!r} is not an image file of '
+                       'the folder')
+    if isinstance(texts, str):
+      texts = [texts]
+    if not texts:
+      raise ValueError(f'{path}:{line_number}: image {image!r} has no captions')
+    kept.append(image)
+    kept_labels.append(label_of[image])
+    captions.append([str(t) for t in texts])
   return kept, np.array(kept_labels, np.int32), captions
 
 
@@ -243,12 +240,10 @@ def stream_dataset(source: dict, name: str, image_size: int, max_examples: int =
     iterator = pipeline.make_eval_iterator(source, batch_size=local, image_size=image_size,
                                            tokenizer=tokenizer)
     limit = -(-max_examples // batch_size) if max_examples else len(iterator)
-    for number, batch in enumerate(iterator):
-      if number == limit:
-        return
-      yield batch
-    # Known once the stream is exhausted: examples that could not be decoded became padding.
-    skipped.extend([f'{name}: an example that could not be decoded'] * iterator.num_skipped)
+    whole = limit >= len(iterator)
+    yield from iterator if whole else iterator.take(limit)
+    if whole:   # known once the stream is exhausted: undecodable examples became padding
+      skipped.extend([f'{name}: an example that could not be decoded'] * iterator.num_skipped)
 
   skipped: list[str] = []
   return EvalData(name=name, num_examples=total or 0, batches=batches, classnames=classnames,
@@ -263,15 +258,14 @@ def open_dataset(spec: str, *, split: str = 'test', image_size: int, data_dir: s
   `tokenizer` is used by TFDS and shard datasets, whose pipeline tokenizes captions.
   """
   kind, _, location = spec.partition(':')
-  if not location and kind != 'builtin' and os.path.isdir(spec):
+  if storage.is_url(spec) or (not location and kind != 'builtin' and storage.is_dir(spec)):
     kind, location = 'folder', spec
   if kind == 'builtin':
     return builtin_scenes(split, image_size, max_examples)
   if kind == 'folder':
-    folder = os.path.join(location, split) if os.path.isdir(os.path.join(location, split)) \
-        else location
-    return image_folder(folder, image_size, max_examples,
-                        name=os.path.basename(os.path.normpath(location)))
+    folder = storage.join(location, split)
+    folder = folder if folder.is_dir() else storage.resolve(location)
+    return image_folder(folder, image_size, max_examples, name=storage.name(location))
   if kind == 'tfds' and location:
     return stream_dataset(dict(kind='tfds', tfds_name=location, tfds_split=split,
                                data_dir=data_dir or '', label_key='label'),
@@ -279,13 +273,14 @@ def open_dataset(spec: str, *, split: str = 'test', image_size: int, data_dir: s
                           tokenizer)
   if kind == 'shards' and location:
     pattern = location.replace('{split}', split)
-    name = os.path.basename(os.path.dirname(pattern)) or 'shards'
+    folder = storage.resolve(pattern).parent
+    name = folder.name or 'shards'
     data = stream_dataset(dict(kind='tfrecord', pattern=pattern, label_key='label'), name,
                           image_size, max_examples, tokenizer)
-    names_file = os.path.join(os.path.dirname(pattern), CLASSNAMES_FILE)
-    if os.path.isfile(names_file):
-      with open(names_file, encoding='utf-8') as f:
-        data.classnames = [line.strip() for line in f if line.strip()]
+    names_file = folder / CLASSNAMES_FILE
+    if storage.is_file(names_file):
+      data.classnames = [line.strip() for line in storage.read_text(names_file).splitlines()
+                         if line.strip()]
     return data
   raise ValueError(f'dataset {spec!r}: expected builtin, folder:PATH (or a directory), '
                    'tfds:NAME or shards:GLOB')

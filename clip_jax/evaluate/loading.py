@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from typing import Any, Callable, Sequence
 
 import jax
@@ -12,6 +11,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
+from clip_jax import storage
 from clip_jax.models import build_model
 from clip_jax.models.clip import CLIP
 from clip_jax.sharding import replicated
@@ -49,7 +49,7 @@ def make_tokenizer(spec: str, model_config: ml_collections.ConfigDict,
   if spec == 'clip_bpe':
     return ClipBpeTokenizer(context_length=context)
   if spec:
-    if not os.path.isfile(spec):
+    if not storage.is_file(spec):
       raise FileNotFoundError(f'--tokenizer: {spec!r} is neither clip_bpe nor an existing '
                               'SentencePiece .model file')
     return SentencePieceTokenizer(spec, context)
@@ -77,9 +77,9 @@ def load_for_evaluation(mesh: Mesh, *, workdir: str = '', source: str = '',
     import clip_jax
     loaded = clip_jax.load(source)
     model_config, variables = loaded.config, loaded.variables
-    config_json = os.path.join(source, 'config.json')
-    if os.path.isdir(source) and os.path.isfile(config_json):
-      from clip_jax.checkpoint import read_config
-      experiment = read_config(source)
+    from clip_jax.checkpoint import CONFIG_FILE, read_config
+    if storage.is_url(source) or storage.is_dir(source):
+      if storage.is_file(storage.join(source, CONFIG_FILE)):
+        experiment = read_config(source)
   variables = jax.device_put(variables, replicated(mesh))
   return LoadedModel(model_config, build_model(model_config), variables, tokenizer, experiment)

@@ -8,7 +8,6 @@ Results are flat dicts `{'<task>/<dataset>/<metric>': value}` (percentages).
 from __future__ import annotations
 
 import json
-import os
 import time
 from typing import Any, Callable, Sequence
 
@@ -17,6 +16,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
+from clip_jax import storage
 from clip_jax.evaluate import datasets as eval_datasets
 from clip_jax.evaluate.datasets import EvalData
 from clip_jax.evaluate.features import TowerEncoder, encode_arrays, extract_features
@@ -120,12 +120,11 @@ def evaluate_linear_probe(train: EvalData, test: EvalData, model: CLIP, variable
                       test_feats['label'], val_fraction=val_fraction, seed=seed)
 
 
-def read_lines(path: str, what: str) -> list[str]:
+def read_lines(path: storage.PathLike, what: str) -> list[str]:
   """Non-empty lines of a text file; a clear error naming the file if it is missing."""
-  if not os.path.isfile(path):
+  if not storage.is_file(path):
     raise FileNotFoundError(f'{path}: no such file; expected {what}, one per line')
-  with open(path, encoding='utf-8') as f:
-    return [line.strip() for line in f if line.strip()]
+  return [line.strip() for line in storage.read_text(path).splitlines() if line.strip()]
 
 
 def _specs(value: str) -> list[str]:
@@ -199,14 +198,10 @@ def markdown_table(results: dict[str, float]) -> str:
   return '\n'.join(lines)
 
 
-def write_results(workdir: str, results: dict[str, float], step: int | None = None) -> str:
+def write_results(workdir: storage.PathLike, results: dict[str, float],
+                  step: int | None = None) -> str:
   """Latest results to `<workdir>/eval_results.json`, history to `eval_results.jsonl`."""
-  os.makedirs(workdir, exist_ok=True)
   record = {'step': step, 'time': time.time(), 'metrics': results}
-  path = os.path.join(workdir, RESULTS_FILE)
-  with open(path + '.tmp', 'w', encoding='utf-8') as f:
-    json.dump(record, f, indent=2)
-  os.replace(path + '.tmp', path)
-  with open(os.path.join(workdir, HISTORY_FILE), 'a', encoding='utf-8') as f:
-    f.write(json.dumps(record) + '\n')
-  return path
+  path = storage.write_text(storage.join(workdir, RESULTS_FILE), json.dumps(record, indent=2))
+  storage.append_text(storage.join(workdir, HISTORY_FILE), json.dumps(record) + '\n')
+  return str(path)

@@ -8,8 +8,9 @@ The sets below follow the spirit of the paper's published prompt lists.
 
 from __future__ import annotations
 
-import os
 from typing import Sequence
+
+from clip_jax import storage
 
 # For natural photographs when nothing better is known about the dataset.
 GENERIC = (
@@ -201,9 +202,8 @@ def get_templates(name_or_path: str, dataset_name: str = '') -> tuple[str, ...]:
     name_or_path = next((tset for sub, tset in _AUTO if sub in key), 'generic')
   if name_or_path in TEMPLATE_SETS:
     return TEMPLATE_SETS[name_or_path]
-  if os.path.isfile(name_or_path):
-    with open(name_or_path, encoding='utf-8') as f:
-      lines = [line.strip() for line in f]
+  if storage.is_file(name_or_path):
+    lines = [line.strip() for line in storage.read_text(name_or_path).splitlines()]
     return check_templates([l for l in lines if l and not l.startswith('#')], name_or_path)
   raise ValueError(f'templates: {name_or_path!r} is neither a template set '
                    f'({", ".join(TEMPLATE_SETS)}, auto) nor an existing file with one '

@@ -8,13 +8,15 @@ Radford et al. 2021). Images are then classified by cosine similarity.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
-import os
 from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from clip_jax import storage
 
 # encode_text_fn(token ids [n, context]) -> L2-normalised features [n, E] (numpy).
 EncodeTextFn = Callable[[np.ndarray], np.ndarray]
@@ -76,9 +78,9 @@ def zeroshot_classifier(encode_text_fn: EncodeTextFn, tokenize_fn: TokenizeFn,
   cache_path = None
   if cache_dir and fingerprint:
     key = classifier_cache_key(fingerprint, classnames, templates)
-    cache_path = os.path.join(cache_dir, f'zeroshot_{key}.npy')
-    if os.path.exists(cache_path):
-      return np.load(cache_path)
+    cache_path = storage.join(cache_dir, f'zeroshot_{key}.npy')
+    if cache_path.exists():
+      return np.load(io.BytesIO(storage.read_bytes(cache_path)))
 
   num_templates = len(templates)
   # Class-major list of prompts; walked in slices of `batch_size`, so a class's templates
@@ -103,10 +105,9 @@ def zeroshot_classifier(encode_text_fn: EncodeTextFn, tokenize_fn: TokenizeFn,
   classifier /= np.maximum(np.linalg.norm(classifier, axis=-1, keepdims=True), 1e-12)
 
   if cache_path:
-    os.makedirs(cache_dir, exist_ok=True)
-    tmp = cache_path + '.tmp.npy'
-    np.save(tmp, classifier)
-    os.replace(tmp, cache_path)   # atomic: a concurrent reader never sees half a file
+    buffer = io.BytesIO()
+    np.save(buffer, classifier)
+    storage.write_bytes(cache_path, buffer.getvalue())   # atomic: never half a file
   return classifier
 
 
