@@ -11,7 +11,8 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from clip_jax.data import (pipeline, shards, sources, tokenizers, train_tokenizer,
+from clip_jax import storage
+from clip_jax.data import (pipeline, shards, sources, tfrecord, tokenizers, train_tokenizer,
                            write_shards)
 from test_data_pipeline import IMAGE_SIZE, data_config, draw_image, encoded
 
@@ -88,6 +89,55 @@ def test_damaged_and_missing_shards_are_logged_and_skipped(wds_dir, tmp_path, bp
   iterator = pipeline.make_train_iterator(config, bpe, process_index=0, process_count=1)
   labels = {int(next(iterator)['label'][0]) for _ in range(12)}
   assert {1, 3, 5} <= labels and labels <= set(range(6))
+
+
+def test_tfrecord_framing_agrees_with_tensorflow_both_ways(tmp_path):
+  payloads = [b'', b'x', os.urandom(70_000), 'caption ü'.encode()]
+  ours = tmp_path / 'ours.tfrecord'
+  writer = tfrecord.ShardWriter(str(ours))
+  for payload in payloads:
+    writer.write(payload)
+  writer.close()
+  assert [r.numpy() for r in tf.data.TFRecordDataset(str(ours))] == payloads  # checks CRCs
+  theirs = tmp_path / 'theirs.tfrecord'
+  with tf.io.TFRecordWriter(str(theirs)) as tf_writer:
+    for payload in payloads:
+      tf_writer.write(payload)
+  assert theirs.read_bytes() == ours.read_bytes()
+  with open(theirs, 'rb') as f:
+    assert list(tfrecord.read_records(f, 'theirs')) == payloads
+
+  # A flipped payload byte: that record is None (skipped and counted), the rest is read.
+  damaged = bytearray(ours.read_bytes())
+  damaged[len(tfrecord.frame(b'')) + len(tfrecord.frame(b'x')) + 12 + 100] ^= 0xFF
+  assert [p is None for p in tfrecord.read_records(io.BytesIO(bytes(damaged)), 'd')] == [
+      False, False, True, False]
+  # A cut-off file or a corrupt length: the rest cannot be found, named with the offset.
+  with pytest.raises(tfrecord.CorruptShardError,
+                     match=r'cut: ends inside record 2 \(byte 33, 70000 bytes'):
+    list(tfrecord.read_records(io.BytesIO(ours.read_bytes()[:1000]), 'cut'))
+  bad_length = bytearray(ours.read_bytes())
+  bad_length[len(tfrecord.frame(b''))] ^= 0x01
+  with pytest.raises(tfrecord.CorruptShardError, match='corrupt length of record 1'):
+    list(tfrecord.read_records(io.BytesIO(bytes(bad_length)), 'len'))
+
+
+def test_a_failing_shard_read_is_raised_not_skipped(tmp_path, bpe):
+  """A read error inside a shard (here: the file turned into a directory, so every read
+  of it fails) is retried, then raised by the iterator; it never passes as bad samples."""
+  records = [dict(image=draw_image(i), caption=f'c {i}', label=i) for i in range(8)]
+  shards.write_tfrecord_shards(records, str(tmp_path), 2)
+  config = data_config(f'{tmp_path}/shard-*.tfrecord')
+  config.batch_size, config.data.read_attempts, config.data.read_retry_seconds = 2, 2, 0.0
+  config.data.shuffle_buffer = 1
+  iterator = pipeline.make_train_iterator(config, bpe, process_index=0, process_count=1)
+  second = tmp_path / 'shard-00001-of-00002.tfrecord'
+  second.unlink()
+  second.mkdir()      # every open of it fails (IsADirectoryError), as if a disk had gone
+  with pytest.raises(storage.StorageError, match=rf'{second}: .* failed 2 time\(s\)'):
+    for _ in range(8):
+      next(iterator)
+  iterator.close()
 
 
 def test_tfds_source_by_name_without_download(tmp_path, bpe):

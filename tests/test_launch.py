@@ -307,6 +307,57 @@ def _metadata(directory, worker_id, endpoints):
   return f'file://{directory}'
 
 
+# gcloud whose `tpu-vm ssh --worker=all --command=CMD` runs CMD for real on two local
+# "workers", each with its own home (where ~/clip_jax is this checkout) and TPU metadata.
+FAKE_SSH_GCLOUD = '''#!{python}
+import os, subprocess, sys
+root = {root!r}
+command = next(a.split('=', 1)[1] for a in sys.argv if a.startswith('--command='))
+for worker in (0, 1):
+  home = os.path.join(root, f'worker{{worker}}')
+  env = dict(os.environ, HOME=home, TPU_METADATA_URL='file://' + os.path.join(home, 'metadata'),
+             CLIP_JAX_VENV=os.path.join(root, 'venv'))
+  subprocess.run(['bash', '-c', command], env=env, check=True)
+'''
+
+# The workers' "python": records its arguments, then shows the workdir the trainer would
+# use, resolved by clip_jax's path layer from the worker's own directory.
+RESOLVE_WORKDIR = (
+    "import sys; from clip_jax import storage; "
+    "w = [a for a in sys.argv[1:] if a.startswith('--workdir=')][0].split('=', 1)[1]; "
+    "print('trainer workdir:', storage.resolve(w))")
+
+
+def test_train_passes_the_gs_workdir_unchanged_to_every_worker(tmp_path):
+  venv = tmp_path / 'venv'
+  (venv / 'bin').mkdir(parents=True)
+  fake_python = venv / 'bin' / 'python'
+  fake_python.write_text(f'#!/usr/bin/env bash\necho "args: $*"\n'
+                         f'exec {sys.executable} -c {shlex.quote(RESOLVE_WORKDIR)} "$@"\n')
+  fake_python.chmod(0o755)
+  (venv / 'bin' / 'activate').write_text(f'export PATH={venv}/bin:$PATH\n')
+  for worker in (0, 1):
+    home = tmp_path / f'worker{worker}'
+    home.mkdir()
+    (home / 'clip_jax').symlink_to(REPO)
+    _metadata(home / 'metadata', worker, 't1v-n-0-w-0:0:10.0.0.2,t1v-n-0-w-1:1:10.0.0.3')
+  gcloud = tmp_path / 'gcloud'
+  gcloud.write_text(FAKE_SSH_GCLOUD.format(python=sys.executable, root=str(tmp_path)))
+  gcloud.chmod(0o755)
+  _run(TPU / 'train.sh', *ZONE_FLAGS, f'--workdir={WORKDIR}',
+       '--data=gs://bucket/laion/{00000..00099}.tar', env=_env(GCLOUD=str(gcloud)))
+  for worker in (0, 1):
+    log_file, deadline = tmp_path / f'worker{worker}' / 'clip_jax_job' / 'log', time.time() + 60
+    while 'exit 0' not in (log_file.read_text() if log_file.exists() else ''):
+      assert time.time() < deadline, log_file.read_text() if log_file.exists() else 'no log'
+      time.sleep(0.1)
+    log = log_file.read_text()
+    assert (f'args: -m clip_jax.main --config=configs/vit_b32.py --workdir={WORKDIR} '
+            '--config.data.train.source=wds') in log
+    assert f'trainer workdir: {WORKDIR}\n' in log
+    assert f'process {worker} of 2, coordinator 10.0.0.2:8476' in log
+
+
 def test_worker_job_control_for_real(tmp_path):
   """worker.sh on this machine: start detaches the job with the distributed environment
   of its TPU worker, status follows it, stop ends it."""

@@ -39,11 +39,14 @@ def test_notebook_is_committed_without_outputs():
 def test_notebook_runs_top_to_bottom_on_cpu(tmp_path, monkeypatch):
   # The kernel imports this checkout (CI installs it with pip -e; here it is on the path).
   monkeypatch.setenv('PYTHONPATH', str(REPO))
+  # As on Colab: the kernel starts in an empty folder of its own (/content there), and the
+  # notebook's own WORKDIR ('clip_jax_demo', relative) is used; only the sizes are changed.
+  content = tmp_path / 'content'
+  content.mkdir()
   executed = tmp_path / 'executed.ipynb'
   papermill.execute_notebook(
-      str(NOTEBOOK), str(executed), kernel_name='python3', cwd=str(tmp_path),
-      parameters=dict(SHORT_RUN, WORKDIR=str(tmp_path / 'demo')), progress_bar=False,
-      execution_timeout=600)
+      str(NOTEBOOK), str(executed), kernel_name='python3', cwd=str(content),
+      parameters=SHORT_RUN, progress_bar=False, execution_timeout=600)
   cells = [c for c in nbformat.read(executed, as_version=4).cells if c.cell_type == 'code']
   text = '\n'.join(_outputs(c)[0] for c in cells)
 
@@ -70,3 +73,7 @@ def test_notebook_runs_top_to_bottom_on_cpu(tmp_path, monkeypatch):
   difference = re.search(r'largest image-feature difference: (\S+)', text)
   assert difference and float(difference.group(1)) < 1e-4, text
   assert 'clip_jax.convert import --source' in text and 'No internet here' in text
+  # Everything the run wrote is in the notebook's relative WORKDIR.
+  assert sorted(p.name for p in content.iterdir()) == ['clip_jax_demo']
+  assert (content / 'clip_jax_demo' / 'checkpoints').is_dir()
+  assert (content / 'clip_jax_demo' / 'pytorch_hf' / 'model.safetensors').is_file()
