@@ -66,8 +66,9 @@ def _train_defaults() -> ml_collections.ConfigDict:
 
 
 def _eval_defaults() -> ml_collections.ConfigDict:
-  # Evaluation (clip_jax.evaluate). Dataset specs are comma-separated: 'builtin',
-  # 'folder:PATH', 'tfds:NAME' (under data_dir, no download), 'shards:GLOB'.
+  # Evaluation (clip_jax.evaluate). Dataset specs are comma-separated: the built-in sets
+  # (clip_jax.evaluate.datasets.BUILTIN_SETS), 'folder:PATH', 'tfds:NAME' (under
+  # data_dir, no download), 'shards:GLOB'.
   return ml_collections.ConfigDict(dict(
       every_steps=0,            # trainer: evaluate every N steps; 0 = only at the end
       batch_size=256,           # global batch of feature extraction and prompt encoding
@@ -90,11 +91,15 @@ def _data_defaults(model: ml_collections.ConfigDict) -> ml_collections.ConfigDic
   # text towers use the CLIP BPE; smaller vocabularies (tiny) a SentencePiece model.
   return ml_collections.ConfigDict(dict(
       train=dict(
-          source='tfrecord',        # 'tfrecord' | 'wds' (img2dataset .tar) | 'tfds'
+          # 'tfrecord' | 'wds' (img2dataset .tar) | 'tfds'; '' = from the pattern
+          # (*.tar -> wds, tfds:NAME -> tfds, else tfrecord).
+          source='',
           pattern='',               # globs and {00000..00099} ranges, comma-separated; gs:// ok
           tfds_name='', tfds_split='train', data_dir='',   # source 'tfds' (never downloads)
-          image_key='',             # '' = the source's default ('image'; wds: 'jpg,jpeg,png,webp')
-          caption_key='',           # '' = 'caption' (wds: 'txt'); tfds: a feature path
+          # '' = the first feature a record has of 'image,jpg,jpeg,png,webp' (wds: members
+          # .jpg/.jpeg/.png/.webp) and of 'caption,txt' (wds: .txt); tfds: a feature path.
+          image_key='',
+          caption_key='',
           label_key='',             # '' = no labels; e.g. 'label' (wds: 'cls')
           caption_template='',      # captions from class names, e.g. 'a photo of a {}.'
       ),

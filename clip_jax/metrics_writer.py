@@ -19,6 +19,13 @@ from clip_jax import storage
 
 METRICS_FILE = 'metrics.jsonl'
 TENSORBOARD_DIR = 'tensorboard'
+# The trainer's own metric names (the train step's are its output keys: loss,
+# accuracy, temperature, grad_norm, learning_rate). One name everywhere: console,
+# metrics.jsonl, TensorBoard tags and the docs.
+DATA_SKIPPED = 'data/skipped'          # samples dropped so far (corrupt, no caption, ...)
+IMAGES_PER_SECOND = 'images_per_second'
+MFU = 'mfu'
+EVAL_PREFIX = 'eval/'                  # eval/<task>/<dataset>/<metric>
 
 
 def _summary_writer(logdir: str) -> Any:
@@ -51,16 +58,19 @@ def format_duration(seconds: float) -> str:
 
 def console_line(step: int, total_steps: int, metrics: Mapping[str, float], elapsed: float,
                  steps_per_second: float) -> str:
-  """`step 100/300 | loss 2.31 | lr 1.2e-03 | temp 21.4 | 930 img/s | MFU 41.0% | 1m02s, ETA 2m04s`."""
+  """`step 100/300 | loss 2.31 | lr 1.2e-03 | temp 21.4 | 930 img/s | MFU 41.0% |
+  skipped 3 | elapsed 1m02s, ETA 2m04s`."""
   parts = [f'step {step}/{total_steps}']
   for key, label, fmt in (('loss', 'loss', '.4f'), ('learning_rate', 'lr', '.2e'),
                           ('temperature', 'temp', '.2f'), ('accuracy', 'acc', '.3f'),
-                          ('images_per_second', 'img/s', '.0f')):
+                          (IMAGES_PER_SECOND, 'img/s', '.0f')):
     if key in metrics:
       parts.append(f'{label} {metrics[key]:{fmt}}' if label != 'img/s'
                    else f'{metrics[key]:{fmt}} {label}')
-  if 'mfu' in metrics:
-    parts.append(f'MFU {100 * metrics["mfu"]:.1f}%')
+  if MFU in metrics:
+    parts.append(f'MFU {100 * metrics[MFU]:.1f}%')
+  if DATA_SKIPPED in metrics:
+    parts.append(f'skipped {int(metrics[DATA_SKIPPED])}')
   eta = (total_steps - step) / steps_per_second if steps_per_second > 0 else math.inf
   parts.append(f'elapsed {format_duration(elapsed)}, ETA '
                f'{format_duration(eta) if math.isfinite(eta) else "?"}')

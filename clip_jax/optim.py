@@ -75,13 +75,51 @@ def param_groups(optim_config: Any, tree: Any) -> Any:
 
 
 def learning_rate_schedule(optim_config: Any, total_steps: int) -> optax.Schedule:
-  """Linear warmup from 0 to `learning_rate`, then cosine decay to `end_lr_factor` x it."""
+  """open_clip's `cosine_lr`, ending at `end_lr_factor` x peak instead of 0.
+
+  Step s < W of a W-step warmup runs at peak * (s + 1) / W, so step 0 already learns
+  (optax's warmup starts at 0); from s = W a cosine falls from peak to the end value at
+  s = total_steps and stays there.
+  """
   peak = float(optim_config.learning_rate)
+  end = peak * float(optim_config.end_lr_factor)
   warmup = int(optim_config.warmup_steps)
-  decay_steps = max(int(total_steps), warmup + 1)
-  return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=peak, warmup_steps=warmup, decay_steps=decay_steps,
-      end_value=peak * float(optim_config.end_lr_factor))
+  decay_steps = max(int(total_steps) - warmup, 1)
+  # One rounding of peak / W (a Python double), then one of the product: within 1 ulp
+  # of the exact value. XLA would rewrite peak * (s + 1) / W less exactly.
+  per_step = np.float32(peak / warmup if warmup else 0.0)
+
+  def schedule(step: jax.Array) -> jax.Array:
+    step = jnp.asarray(step)
+    warm = (step + 1).astype(jnp.float32) * per_step
+    progress = jnp.clip((step - warmup).astype(jnp.float32) / decay_steps, 0.0, 1.0)
+    cosine = end + (peak - end) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+    return jnp.where(step < warmup, warm, cosine)
+  return schedule
+
+
+# open_clip clamps the parameter to [0, ln 100] in place after every optimizer step: the
+# temperature exp(logit_scale) stays within [1, 100]. The upper end is
+# config.model.logit_scale_max; the lower end is fixed, as there.
+LOGIT_SCALE_MIN = 0.0
+
+
+def clamp_logit_scale(logit_scale_max: float) -> optax.GradientTransformation:
+  """The last transform of the step: updates that land `params/logit_scale` in
+  [LOGIT_SCALE_MIN, logit_scale_max]. Gradients are untouched (unlike a clip in the
+  forward pass, which would zero them outside the range and could strand the parameter),
+  so from a bound a gradient pointing inwards moves it back at once."""
+  def update(updates: Any, state: optax.EmptyState, params: Any = None) -> tuple[Any, Any]:
+    if params is None:
+      raise ValueError('clamp_logit_scale: the update needs the params')
+    if 'logit_scale' not in params['params']:
+      return updates, state
+    old = params['params']['logit_scale']
+    new = jnp.clip(old + updates['params']['logit_scale'], LOGIT_SCALE_MIN, logit_scale_max)
+    # old + (new - old) == new exactly at the bounds (Sterbenz), which apply_updates adds.
+    updates = dict(updates, params=dict(updates['params'], logit_scale=new - old))
+    return updates, state
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 def validate_optim_config(optim_config: Any) -> None:
@@ -105,7 +143,8 @@ def validate_optim_config(optim_config: Any) -> None:
 
 
 def make_optimizer(config: Any) -> optax.GradientTransformation:
-  """AdamW (decoupled decay, masked), global-norm clipping, warmup+cosine, per-group LR.
+  """AdamW (decoupled decay, masked), global-norm clipping, warmup+cosine, per-group LR,
+  then the temperature clamp (`clamp_logit_scale`).
 
   Frozen leaves get `set_to_zero` and no Adam state (LiT keeps no moments for the
   locked tower); the clip norm is over the trainable leaves only.
@@ -133,7 +172,7 @@ def make_optimizer(config: Any) -> optax.GradientTransformation:
                                   lambda t: jax.tree_util.tree_map(
                                       lambda g: g == 'frozen', param_groups(oc, t)))
     tx = optax.chain(frozen_to_zero, optax.clip_by_global_norm(oc.grad_clip_norm), tx)
-  return tx
+  return optax.chain(tx, clamp_logit_scale(float(config.model.logit_scale_max)))
 
 
 def trainable_norm(optim_config: Any, grads: Any) -> jax.Array:

@@ -2,8 +2,13 @@
 
     train_and_evaluate(config, workdir)
 
-1. Setup: validate the config (built-in data written if asked), refuse a workdir of
-   another architecture, write `config.json`, build the mesh, model and tokenizer.
+1. Setup: validate the config; decide the data (the built-in scenes, or the user's:
+   a given `config.data.train.pattern` turns the built-in data and its evaluation
+   off, and a SentencePiece tokenizer is trained on the user's captions when the model
+   needs one and none is given); check everything a run could otherwise fail on
+   later (clip_jax.preflight: mesh, batch sizes, intervals, workdir, data, tokenizer,
+   eval sets); refuse a workdir of another architecture; write `config.json`.
+   `dry_run` stops here.
 2. Restore: the latest checkpoint under `workdir/checkpoints` if there is one
    (parameters, optimizer state and the data position, onto the current mesh,
    whatever mesh wrote it); otherwise a fresh, directly sharded state.
@@ -32,16 +37,20 @@ import jax.numpy as jnp
 import ml_collections
 from absl import logging
 
-from clip_jax import checkpoint, sharding, storage
+from clip_jax import checkpoint, preflight, sharding, storage
 from clip_jax import config as config_lib
 from clip_jax.data import delivery, tokenizers
-from clip_jax.metrics_writer import (METRICS_FILE, TENSORBOARD_DIR, MetricsWriter,
-                                     console_line, format_duration)
+from clip_jax.metrics_writer import (DATA_SKIPPED, EVAL_PREFIX, IMAGES_PER_SECOND, METRICS_FILE,
+                                     MFU, TENSORBOARD_DIR, MetricsWriter, console_line,
+                                     format_duration)
 from clip_jax.models.clip import build_model
 from clip_jax.train_step import (TrainState, create_train_state, describe_train_state,
                                  make_train_step, train_state_shardings)
 
-BUILTIN_DATASET = 'builtin_test'   # clip_jax.evaluate's name of the held-out scenes
+PLACEMENT_HEADER = 'placement (mesh axes per dimension):'   # train_step.describe_train_state
+TOKENIZER_DIR = 'tokenizer'        # <workdir>/tokenizer: one trained on the user's captions
+TOKENIZER_CAPTIONS = 200_000       # captions it is trained on (the first ones of the data)
+EVAL_TASKS = ('zeroshot', 'retrieval', 'linear_probe')
 
 
 @dataclasses.dataclass
@@ -103,15 +112,80 @@ def use_builtin_data(config: ml_collections.ConfigDict, workdir: storage.PathLik
   config.data.tokenizer.model_path = manifest['tokenizer']
 
 
-def prepare_config(config: ml_collections.ConfigDict, workdir: storage.PathLike
-                   ) -> ml_collections.ConfigDict:
-  """The config this run uses: validated, references resolved, built-in data in place."""
+def choose_data(config: ml_collections.ConfigDict, explicit: frozenset[str] = frozenset()
+                ) -> list[str]:
+  """Built-in scenes or the user's data; the user's explicit flags win. Returns notes.
+
+  A training pattern or TFDS name (from a flag or the config file) means the user's
+  data: the built-in scenes are turned off (an explicit `builtin.enabled=True` with it is
+  a conflict), and so is the built-in evaluation, unless its key was given explicitly.
+  """
+  train = config.data.train
+  user_data = bool(train.pattern or train.tfds_name)
+  if not config.builtin.enabled:
+    return []
+  if not user_data:
+    if 'data.train.source' in explicit:
+      raise ValueError(f'config.data.train.source={train.source!r} given without '
+                       'config.data.train.pattern (or tfds_name): name the files to train on')
+    return []
+  if 'builtin.enabled' in explicit:
+    raise ValueError('config.builtin.enabled=True and config.data.train.pattern/tfds_name are '
+                     'both given: the built-in scenes would replace your data; drop one')
+  config.builtin.enabled = False
+  notes = ['data: config.data.train names your data, so the built-in scenes are off']
+  from clip_jax.evaluate.datasets import BUILTIN_SETS  # pylint: disable=import-outside-toplevel
+  for task in EVAL_TASKS:
+    if f'eval.{task}' in explicit:
+      continue
+    specs = [s.strip() for s in config.eval[task].split(',') if s.strip()]
+    kept = [s for s in specs if s not in BUILTIN_SETS]
+    if kept != specs:
+      config.eval[task] = ','.join(kept)
+      notes.append(f'eval: the built-in sets ({", ".join(s for s in specs if s not in kept)}) '
+                   f'are not evaluated: they say nothing about your data; name your sets '
+                   f'with --config.eval.{task}=...')
+  return notes
+
+
+def train_caption_tokenizer(config: ml_collections.ConfigDict, workdir: storage.PathLike
+                            ) -> str | None:
+  """A SentencePiece model trained on the training captions, when one is needed and missing.
+
+  The model's vocabulary decides: OpenAI-sized text towers use the CLIP BPE; smaller
+  ones a SentencePiece model, which `config.data.tokenizer.model_path` names. Without
+  one, the first TOKENIZER_CAPTIONS captions of config.data.train train it into
+  `<workdir>/tokenizer/` (once: a resumed run finds it). Returns a note, or None.
+  """
+  section = config.data.tokenizer
+  if section.type != 'sentencepiece' or section.model_path:
+    return None
+  prefix = storage.join(workdir, TOKENIZER_DIR, 'captions')
+  model_path = storage.resolve(f'{prefix}.model')
+  if jax.process_index() == 0 and not storage.exists(model_path):
+    from clip_jax.data import pipeline, sources  # pylint: disable=import-outside-toplevel
+    source = sources.Source.from_config(config.data.train, 'config.data.train',
+                                        pipeline.read_policy(config.data))
+    captions = list(sources.iterate_captions(source, TOKENIZER_CAPTIONS))
+    tokenizers.train_sentencepiece(captions, prefix, config.model.text.vocab_size)
+  _sync_processes('caption_tokenizer')
+  section.model_path = str(model_path)
+  return (f'tokenizer: SentencePiece (at most {config.model.text.vocab_size} ids) trained on '
+          f'the captions of config.data.train: {model_path}')
+
+
+def prepare_config(config: ml_collections.ConfigDict, workdir: storage.PathLike,
+                   explicit: frozenset[str] = frozenset()
+                   ) -> tuple[ml_collections.ConfigDict, list[str]]:
+  """The config this run uses, and notes for the console: validated, references
+  resolved, the data chosen (`choose_data`), built-in data in place."""
   config = config.copy_and_resolve_references()
   config_lib.validate(config)
   validate_trainer_config(config)
+  notes = choose_data(config, explicit)
   if config.builtin.enabled:
     use_builtin_data(config, workdir)
-  return config
+  return config, notes
 
 
 def check_tokenizer(config: ml_collections.ConfigDict, tokenizer: Any) -> None:
@@ -125,6 +199,25 @@ def check_tokenizer(config: ml_collections.ConfigDict, tokenizer: Any) -> None:
   if config.model.text_pool == 'eot_id' and tokenizer.eot_token_id != config.model.eot_token_id:
     raise ValueError(f'config.model.eot_token_id: {config.model.eot_token_id} but the tokenizer '
                      f'ends texts with id {tokenizer.eot_token_id}')
+
+
+def dry_run_plan(config: ml_collections.ConfigDict, model: Any, mesh: jax.sharding.Mesh,
+                 workdir: storage.PathLike, say: Callable[[str], None]) -> TrainResult:
+  """What the run would do, from abstract shapes (nothing is allocated or trained)."""
+  abstract, shardings = train_state_shardings(config, model, mesh)
+  count = sum(int(math.prod(a.shape)) for a in jax.tree.leaves(abstract.params))
+  per_device = sum(
+      int(math.prod(s.shard_shape(a.shape))) * a.dtype.itemsize
+      for a, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings)))
+  latest = checkpoint.latest_step(workdir)
+  say(f'dry run: {config.model.name}, {count:,} parameters; mesh {dict(mesh.shape)} over '
+      f'{jax.device_count()} {jax.devices()[0].platform} device(s); global batch '
+      f'{config.batch_size} ({config.batch_size // sharding.data_parallel_size(mesh)} per '
+      f'batch-carrying device), {config.total_steps} steps, loss {config.loss.name}, '
+      f'{config.model.dtype} compute; train state {per_device / 2**30:.2f} GiB per device; '
+      + (f'would resume from step {latest}' if latest is not None else 'would start at step 0')
+      + f' in {workdir}. Every check passed; nothing was trained.')
+  return TrainResult(0, False, {}, '')
 
 
 # --- 2. restore --------------------------------------------------------------------------
@@ -251,40 +344,62 @@ def evaluate(config: Any, model: Any, state: TrainState, mesh: Any, tokenizer: A
 
 
 def zeroshot_summary(results: dict[str, float]) -> str:
-  """'zero-shot top-1 on held-out: 41.2% (chance 2.8%)', one line per zero-shot dataset."""
-  lines = []
+  """One line per zero-shot top-1 and per text->image R@1, built-in sets next to chance;
+  'zero-shot top-1 on held-out: 41.2% (chance 2.8%)' comes last, as the headline."""
+  # pylint: disable=import-outside-toplevel
+  from clip_jax.data import builtin
+  from clip_jax.evaluate.datasets import builtin_name, builtin_summary
+  lines, headline = [], []
   for key, value in results.items():
     task, dataset, metric = key.split('/', 2)
-    if task != 'zeroshot' or metric != 'top1':
-      continue
-    if dataset == BUILTIN_DATASET:
-      from clip_jax.data import builtin  # pylint: disable=import-outside-toplevel
-      chance = 100.0 / len(builtin.class_names())
-      lines.append(f'zero-shot top-1 on held-out: {value:.1f}% (chance {chance:.1f}%)')
+    if (task, metric) == ('zeroshot', 'top1'):
+      what, chance = 'zero-shot top-1', 100.0 / len(builtin.class_names())
+    elif (task, metric) == ('retrieval', 'text_to_image_R1'):
+      what, chance = 'text->image R@1', 100.0 / results[f'{task}/{dataset}/num_examples']
     else:
-      lines.append(f'zero-shot top-1 on {dataset}: {value:.1f}%')
-  return '\n'.join(lines)
+      continue
+    name = builtin_summary(dataset)
+    line = (f'{what} on {name}: {value:.1f}% (chance {chance:.1f}%)' if name
+            else f'{what} on {dataset}: {value:.1f}%')
+    is_headline = task == 'zeroshot' and dataset == builtin_name('builtin', 'test')
+    (headline if is_headline else lines).append(line)
+  return '\n'.join(lines + headline)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: storage.PathLike
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: storage.PathLike, *,
+                       explicit: frozenset[str] = frozenset(), dry_run: bool = False
                        ) -> TrainResult:
   """Trains (resuming from the latest checkpoint in `workdir`) and evaluates.
 
   `workdir` is a local directory (relative to the current one) or a URL (`gs://...`).
+  `explicit`: the config keys the user set on the command line ('data.train.pattern'),
+  which win over what the config file implies. `dry_run`: set up and check
+  everything, print the plan, train nothing.
   """
   run_start = time.time()
   workdir = storage.resolve(workdir)
   is_main = jax.process_index() == 0
   say = lambda line: print(line, flush=True) if is_main else None  # noqa: E731
 
-  # 1. Setup.
-  config = prepare_config(config, workdir)
+  # 1. Setup: every check before anything is trained (clip_jax.preflight).
+  config, notes = prepare_config(config, workdir, explicit)
+  preflight.check_mesh(config)
+  notes += preflight.check_intervals(config)
   checkpoint.check_compatible(workdir, config)
-  config_path = checkpoint.write_config(workdir, config)
+  preflight.check_workdir_writable(workdir)
   mesh = sharding.mesh_from_config(config.mesh)
-  model = build_model(config.model)
+  preflight.check_batch_sizes(config, mesh)
+  preflight.check_train_data(config)
+  notes.append(train_caption_tokenizer(config, workdir))
   tokenizer = tokenizers.get_tokenizer(config.data.tokenizer)
   check_tokenizer(config, tokenizer)
+  preflight.check_eval_data(config, mesh, tokenizer)
+  model = build_model(config.model)
+  for note in filter(None, notes):
+    say(note)
+  if dry_run:
+    return dry_run_plan(config, model, mesh, workdir, say)
+  config_path = checkpoint.write_config(workdir, config)
   say(f'{config.model.name}: mesh {dict(mesh.shape)} over {jax.device_count()} '
       f'{jax.devices()[0].platform} device(s), global batch {config.batch_size}, '
       f'{config.total_steps} steps; config written to {config_path}')
@@ -302,8 +417,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: storage.PathL
     state, shardings, meta = restore_train_state(ckpt, latest, config, model, mesh)
     data_state, start_step = meta.get('data'), latest
     say(f'resumed from step {latest} ({ckpt.directory / str(latest)})')
-  for line in describe_train_state(config, state, shardings):
-    logging.debug("%s", line)
+  # The decay / LR multiplier / freezing table at INFO; the placement of every array,
+  # as long again, at DEBUG (--verbosity=1).
+  table = describe_train_state(config, state, shardings)
+  placement = table.index(PLACEMENT_HEADER) if PLACEMENT_HEADER in table else len(table)
+  logging.info('parameter groups:\n%s', '\n'.join(table[:placement]))
+  logging.debug('%s', '\n'.join(table[placement:]))
 
   from clip_jax.data.pipeline import make_train_iterator  # pylint: disable=import-outside-toplevel
   batches = delivery.prefetch_to_mesh(
@@ -352,17 +471,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: storage.PathL
         elapsed = time.time() - interval_start
         rate = interval_steps / elapsed if interval_steps and elapsed > 0 else 0.0
         if rate:
-          values['images_per_second'] = rate * config.batch_size
+          values[IMAGES_PER_SECOND] = rate * config.batch_size
           if peak:
-            values['mfu'] = flops_per_step * rate / peak
-        values['data_skipped'] = float(batches.num_skipped)
+            values[MFU] = flops_per_step * rate / peak
+        values[DATA_SKIPPED] = float(batches.num_skipped)
         writer.write(step, values, console_line(step, config.total_steps, values,
                                                 time.time() - run_start, rate))
         interval_start, interval_steps = time.time(), 0
       if config.eval.every_steps and step % config.eval.every_steps == 0 and not is_last:
         results = evaluate(config, model, state, mesh, tokenizer, workdir, step)
         if results:
-          writer.write(step, {f'eval/{k}': v for k, v in results.items()})
+          writer.write(step, {f'{EVAL_PREFIX}{k}': v for k, v in results.items()})
         interval_start, interval_steps = time.time(), 0
       if ckpt.should_save(step) or is_last or preempted:
         loss = float(jax.device_get(metrics['loss']))
@@ -392,7 +511,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: storage.PathL
   try:
     results = evaluate(config, model, state, mesh, tokenizer, workdir, step)
     if results:
-      writer.write(step, {f'eval/{k}': v for k, v in results.items()})
+      writer.write(step, {f'{EVAL_PREFIX}{k}': v for k, v in results.items()})
   finally:
     writer.close()
   say(f'done: {step} steps in {format_duration(time.time() - run_start)}; checkpoints in '

@@ -4,8 +4,10 @@ This is the embedded default of `python -m clip_jax.main` (no flags needed):
   python -m clip_jax.main --config=configs/tiny.py --workdir=./workdir
 It draws the built-in scenes (clip_jax.data.builtin: shapes x colours with captions;
 six colour/shape pairs never shown in training), trains for 300 steps of 256 pairs,
-then classifies images of the held-out pairs zero-shot among all 36 pairs with
-prompts such as 'a photo of a red circle.' and prints the top-1 next to chance.
+then evaluates on new images (clip_jax.evaluate.datasets: builtin_seen, builtin_captions,
+builtin): zero-shot top-1 on seen pairs, text->image Recall@1 on captions in unseen
+phrasings, and last the headline, zero-shot top-1 on the held-out pairs among all 36
+with prompts such as 'a photo of a red circle.', each next to chance.
 Same code paths as the big models (ViT tower, causal text tower, all-gather loss,
 tf.data over TFRecord shards, orbax checkpoints).
 """
@@ -25,7 +27,8 @@ def get_config():
   config.optim.weight_decay = 0.1
   config.data.shuffle_buffer = 2000
   config.data.cycle_length = 8
-  config.eval.zeroshot = 'builtin'
+  config.eval.zeroshot = 'builtin_seen,builtin'
+  config.eval.retrieval = 'builtin_captions'
   config.checkpoint.every_steps = 100
   config.log.every_steps = 25
   return config

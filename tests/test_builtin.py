@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -66,6 +67,63 @@ def test_place_names():
   assert builtin._place(0.5, 0.5) == 'middle'
 
 
+def _training_caption_strings():
+  """Every string a training template can produce (all colours, shapes, sizes, places)."""
+  return {t.format(colour=c, shape=s, size=z, place=p) for t in builtin.CAPTION_TEMPLATES
+          for c in builtin.COLOURS for s in builtin.SHAPES for z in builtin.SIZES
+          for p in builtin.PLACES}
+
+
+def _description(caption):
+  """(colour, shape, size, place) read back from a RETRIEVAL_TEMPLATES caption."""
+  for template in builtin.RETRIEVAL_TEMPLATES:
+    pattern = re.escape(template)
+    for field in ('colour', 'shape', 'size', 'place'):
+      pattern = pattern.replace(re.escape('{%s}' % field), f'(?P<{field}>[a-z ]+?)')
+    match = re.fullmatch(pattern, caption)
+    if match:
+      return match['colour'], match['shape'], match['size'], match['place']
+  raise AssertionError(f'not a retrieval caption: {caption!r}')
+
+
+def test_retrieval_scenes_are_distinct_seen_and_in_phrasings_training_never_uses():
+  training = _training_caption_strings()
+  records = builtin.retrieval_scenes(200, seed=builtin.EVAL_SEEDS['retrieval'])
+  assert len(records) == 200
+  held_out_labels = {builtin.label_of(c, s) for c, s in builtin.HELD_OUT}
+  descriptions = []
+  for record in records:
+    assert len(record['caption']) == len(set(record['caption'])) == 2
+    assert not set(record['caption']) & training, record['caption']
+    said = {_description(c) for c in record['caption']}
+    assert len(said) == 1, record['caption']             # both captions say the same
+    colour, shape, size, place = said.pop()
+    assert record['label'] == builtin.label_of(colour, shape)
+    assert record['label'] not in held_out_labels
+    assert size in builtin.SIZES and place in builtin.PLACES
+    descriptions.append((colour, shape, size, place))
+  # No two images fit the same caption.
+  assert len(set(descriptions)) == len(descriptions)
+  assert builtin.retrieval_scenes(3, seed=4)[0]['caption'] == records[0]['caption']
+  with pytest.raises(ValueError, match='distinct scenes'):
+    builtin.retrieval_scenes(30 * 2 * 9 + 1, seed=4)
+
+
+def test_places_are_what_place_names():
+  grid = np.linspace(0.05, 0.95, 19)
+  assert {builtin._place(x, y) for x in grid for y in grid} == set(builtin.PLACES)
+
+
+def test_training_refuses_the_evaluation_seeds(tmp_path):
+  from clip_jax.config import get_config
+  assert get_config('tiny').builtin.seed not in builtin.EVAL_SEEDS.values()
+  assert len(set(builtin.EVAL_SEEDS.values())) == len(builtin.EVAL_SEEDS)
+  for seed in builtin.EVAL_SEEDS.values():
+    with pytest.raises(ValueError, match=f'seed {seed} draws evaluation scenes'):
+      builtin.prepare(str(tmp_path), num_train=4, seed=seed)
+  assert not os.listdir(tmp_path)
+
+
 def test_prepare_writes_shards_and_tokenizer_once(tmp_path):
   import tensorflow as tf
   from clip_jax.data.tokenizers import SentencePieceTokenizer
@@ -87,6 +145,9 @@ def test_prepare_writes_shards_and_tokenizer_once(tmp_path):
   # Whole words: the longest caption and every prompt fit the tiny model's 16 tokens.
   texts = [t.format(n) for n in builtin.class_names() for t in builtin.PROMPT_TEMPLATES]
   texts += [c for r in builtin.scenes(200, seed=0, held_out=False) for c in r['caption']]
+  # Retrieval's unseen phrasings use training's words only: the tokenizer knows them.
+  texts += [c for r in builtin.retrieval_scenes(100, seed=builtin.EVAL_SEEDS['retrieval'])
+            for c in r['caption']]
   ids = tokenizer(texts)
   assert (ids[:, -1] == 0).all()          # nothing truncated
   assert (ids == 1).sum() == 0            # nothing unknown

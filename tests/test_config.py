@@ -2,11 +2,14 @@
 
 import glob
 import importlib.util
+import math
 import os
+import re
 
 import pytest
 
 from clip_jax import config as base
+from clip_jax import recipes
 from clip_jax.models import build_model, model_config
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), '..', 'configs')
@@ -27,13 +30,87 @@ def test_one_config_per_architecture_plus_tiny():
 
 
 @pytest.mark.parametrize('path', CONFIG_FILES, ids=lambda p: os.path.basename(p))
-def test_config_files_load_validate_and_document_themselves(path):
+def test_config_files_load_and_validate(path):
   module = load_config_file(path)
-  config = module.get_config()
-  base.validate(config)
-  doc = module.__doc__ or ''
-  assert f'configs/{os.path.basename(path)}' in doc, 'the docstring shows the command'
-  assert 'python -m clip_jax.main' in doc
+  base.validate(module.get_config())
+  if os.path.basename(path) != 'tiny.py':
+    base.validate(module.get_config('local'))
+
+
+# Radford et al. 2021, Appendix F (Tables 18-20) and OpenAI's released weights, as
+# /work/shared/reference/{paper_recipes,openai_models}.json give them: config file ->
+# (architecture, peak learning rate, steps, zero-shot ImageNet top-1 of OpenAI's weights).
+PAPER = {
+    'rn50': ('RN50', 5e-4, 390_625, 59.8),
+    'rn101': ('RN101', 5e-4, 390_625, 62.3),
+    'rn50x4': ('RN50x4', 5e-4, 390_625, 66.3),
+    'rn50x16': ('RN50x16', 4e-4, 390_625, 70.7),
+    'rn50x64': ('RN50x64', 3.6e-4, 390_625, 73.9),
+    'vit_b32': ('ViT-B/32', 5e-4, 390_625, 63.3),
+    'vit_b16': ('ViT-B/16', 5e-4, 390_625, 68.3),
+    'vit_l14': ('ViT-L/14', 4e-4, 390_625, 75.5),
+    'vit_l14_336': ('ViT-L/14@336', 2e-5, 12_207, 76.6),   # one more epoch of ViT-L/14
+}
+PAPER_COMMON = dict(batch_size=32_768, warmup_steps=2_000, weight_decay=0.2)
+PAPER_ADAM = {'resnet': (0.9, 0.999, 1e-8), 'vit': (0.9, 0.98, 1e-6)}
+
+
+def test_recipes_module_holds_the_papers_numbers():
+  assert (recipes.BATCH_SIZE, recipes.WARMUP_STEPS, recipes.WEIGHT_DECAY) == (
+      PAPER_COMMON['batch_size'], PAPER_COMMON['warmup_steps'], PAPER_COMMON['weight_decay'])
+  assert recipes.TOTAL_STEPS == 32 * 400_000_000 // 32_768 == 390_625
+  assert recipes.LEARNING_RATE == {arch: lr for arch, lr, _, _ in PAPER.values()}
+  assert {arch: recipes.STEPS.get(arch, recipes.TOTAL_STEPS) for arch, *_ in PAPER.values()} == {
+      arch: steps for arch, _, steps, _ in PAPER.values()}
+  assert {k: (v['b1'], v['b2'], v['eps']) for k, v in recipes.ADAM.items()} == PAPER_ADAM
+
+
+@pytest.mark.parametrize('name', sorted(PAPER))
+def test_arch_config_is_the_paper_run(name):
+  arch, lr, steps, _ = PAPER[name]
+  config = load_config_file(os.path.join(CONFIG_DIR, f'{name}.py')).get_config()
+  assert config.model.name == arch and config.model.dtype == 'bfloat16'
+  assert (config.batch_size, config.total_steps) == (PAPER_COMMON['batch_size'], steps)
+  o = config.optim
+  assert (o.learning_rate, o.warmup_steps, o.weight_decay, o.end_lr_factor) == (
+      lr, PAPER_COMMON['warmup_steps'], PAPER_COMMON['weight_decay'], 0.0)
+  assert (o.b1, o.b2, o.eps) == PAPER_ADAM['resnet' if arch.startswith('RN') else 'vit']
+  assert config.model.logit_scale_max == pytest.approx(math.log(100.0))
+  # The paper's architecture as OpenAI released it (nothing overridden but compute options).
+  reference = model_config(arch)
+  for key in ('vision', 'text', 'embed_dim', 'activation', 'text_pool', 'eot_token_id'):
+    assert config.model[key] == reference[key], key
+  # The pod's batch must split over data x fsdp x micro-batches on 128 or 256 chips.
+  assert config.batch_size % (256 * config.train.micro_batches) == 0
+
+
+@pytest.mark.parametrize('name', sorted(PAPER))
+def test_arch_config_documents_its_run(name):
+  arch, _, _, top1 = PAPER[name]
+  module = load_config_file(os.path.join(CONFIG_DIR, f'{name}.py'))
+  doc = ' '.join(module.__doc__.split())
+  assert (f"python -m clip_jax.main --config=configs/{name}.py --workdir=gs://my-bucket/{name} "
+          "\\ --config.data.train.pattern='gs://my-bucket/shards/*.tar'") in doc
+  assert f'python -m clip_jax.main --config=configs/{name}.py:local --workdir=./{name}_local' in doc
+  assert f'reach {top1}% zero-shot ImageNet top-1' in doc
+  assert re.search(r'on a TPU v5p-\d+ \(\d+ chips, \d+ pairs each\)', doc)
+  assert re.search(r'about [\d.]+ (hours|days) \(an estimate', doc)
+  assert re.search(r'measured on a 2-core VM: [\d.]+ min', doc)
+
+
+@pytest.mark.parametrize('name', sorted(PAPER))
+def test_local_variant_is_the_same_recipe_on_a_cpu(name):
+  module = load_config_file(os.path.join(CONFIG_DIR, f'{name}.py'))
+  paper, local = module.get_config(), module.get_config('local')
+  assert local.optim == paper.optim and local.model.dtype == paper.model.dtype
+  for key in ('vision', 'text', 'embed_dim', 'scan_layers', 'remat_policy'):
+    assert local.model[key] == paper.model[key], key
+  assert local.batch_size == 2 and local.total_steps < 10 and local.builtin.enabled
+  # The built-in SentencePiece tokenizer ends texts with id 3.
+  assert (local.model.text_pool, local.model.eot_token_id) == ('eot_id', 3)
+  assert local.eval.zeroshot == 'builtin' and 0 < local.eval.max_examples <= 4
+  with pytest.raises(ValueError, match=r'unknown variant .pod.'):
+    module.get_config('pod')
 
 
 @pytest.mark.parametrize('mutate, field', [

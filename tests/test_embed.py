@@ -86,7 +86,7 @@ def test_evaluate_cli_writes_json_in_the_workdir(run, capsys):
       '--batch_size', '8', '--templates', 'generic'])
   saved = json.loads((run['root'] / 'run' / 'eval_results.json').read_text())
   assert saved['metrics'] == pytest.approx(results)
-  assert {'zeroshot/pics/top1', 'retrieval/pics/text_to_image_R@5',
+  assert {'zeroshot/pics/top1', 'retrieval/pics/text_to_image_R5',
           'linear_probe/pics/accuracy'} <= set(results)
   printed = capsys.readouterr().out
   assert '| task | dataset | metric | value |' in printed and 'eval_results.json' in printed

@@ -73,7 +73,7 @@ def test_captions_jsonl_and_its_errors(tmp_path):
   (tmp_path / 'captions.jsonl').write_text('{"image": "nope.jpg", "captions": ["x"]}\n')
   with pytest.raises(ValueError, match=r"captions.jsonl:1: image 'nope.jpg' is not an image"):
     ds.image_folder(str(tmp_path), 32)
-  with pytest.raises(ValueError, match='expected builtin, folder:PATH'):
+  with pytest.raises(ValueError, match='expected builtin, builtin_seen, builtin_captions, folder'):
     ds.open_dataset('ftp:somewhere', image_size=32)
 
 
@@ -116,22 +116,26 @@ def test_run_evaluations_end_to_end(tiny, tmp_path, capsys):
   mesh = make_mesh()
   variables = jax.device_put(model.variables, replicated(mesh))
   cfg = get_config('tiny').eval
-  cfg.update(zeroshot=f'builtin,folder:{tmp_path / "pics"}', retrieval='builtin',
+  cfg.update(zeroshot=f'builtin_seen,builtin,folder:{tmp_path / "pics"}',
+             retrieval='builtin,builtin_captions',
              linear_probe=f'folder:{tmp_path / "pics"}', train_split='test', batch_size=16,
              max_examples=40, cache_dir=str(tmp_path / 'run' / 'eval_cache'))
   workdir = str(tmp_path / 'run')
   results = run_evaluations(cfg, model.module, variables, mesh, _hash_tokenizer, workdir, step=7)
   for key in ('zeroshot/builtin_test/top1', 'zeroshot/builtin_test/top5',
               'zeroshot/builtin_test/mean_per_class', 'zeroshot/pics/top1',
-              'retrieval/builtin_test/image_to_text_R@10',
-              'retrieval/builtin_test/text_to_image_R@1',
+              'retrieval/builtin_test/image_to_text_R10',
+              'retrieval/builtin_test/text_to_image_R1',
               'linear_probe/pics/accuracy', 'linear_probe/pics/C'):
     assert key in results, key
   assert results['zeroshot/builtin_test/num_examples'] == 40
+  assert results['zeroshot/builtin_seen_test/num_examples'] == 40
+  assert results['retrieval/builtin_captions_test/num_examples'] == 40
+  assert 'retrieval/builtin_captions_test/text_to_image_R1' in results
   assert results['zeroshot/pics/num_examples'] == 12           # 13 files, one unreadable
   assert results['zeroshot/pics/num_skipped'] == 1
   assert 'zeroshot/builtin_test/num_skipped' not in results
-  assert all(0 <= v <= 100 for k, v in results.items() if k.endswith(('top1', 'R@1')))
+  assert all(0 <= v <= 100 for k, v in results.items() if k.endswith(('top1', 'R1')))
   assert results['linear_probe/pics/accuracy'] == 100.0         # three flat colours
   saved = json.loads((tmp_path / 'run' / 'eval_results.json').read_text())
   assert saved['step'] == 7 and saved['metrics'] == pytest.approx(results)
@@ -139,7 +143,8 @@ def test_run_evaluations_end_to_end(tiny, tmp_path, capsys):
   assert len(history) == 1
   printed = capsys.readouterr().out
   assert '| zeroshot | builtin_test | top1 |' in printed and 'eval_results.json' in printed
-  # One cached classifier per zero-shot dataset, for the next evaluation of these weights.
+  # One cached classifier per zero-shot dataset (the two built-in sets share prompts and
+  # classes, so one file), for the next evaluation of these weights.
   assert len(list((tmp_path / 'run' / 'eval_cache').glob('zeroshot_*.npy'))) == 2
   assert markdown_table({'a/b/C': 0.001}).endswith('| a | b | C | 0.001 |')
 
@@ -176,7 +181,7 @@ def test_shards_through_the_pipeline_agree_with_the_image_folder(tiny, tmp_path)
   assert results['zeroshot/shards/num_examples'] == 21
   for metric in ('top1', 'top5', 'mean_per_class'):
     assert results[f'zeroshot/shards/{metric}'] == pytest.approx(results[f'zeroshot/pics/{metric}'])
-  for metric in ('image_to_text_R@1', 'text_to_image_R@5'):
+  for metric in ('image_to_text_R1', 'text_to_image_R5'):
     assert results[f'retrieval/shards/{metric}'] == pytest.approx(
         results[f'retrieval/pics/{metric}'])
 
@@ -226,3 +231,60 @@ def test_tfds_by_name_from_data_dir_matches_the_image_folder(tiny, tmp_path):
   assert results['linear_probe/eval_colours/accuracy'] == 100.0    # fitted on 'train'
   with pytest.raises(ValueError, match='nothing is downloaded'):
     ds.open_dataset('tfds:eval_colours', image_size=32, data_dir=str(tmp_path / 'elsewhere'))
+
+
+def _rows(data):
+  """(label, pixels as bytes) of every real (unpadded) example the evaluation reads."""
+  return [(int(label), image.tobytes()) for b in data.batches(256, make_mesh())
+          for label, image, keep in zip(b['label'], b['image'], b['mask']) if keep]
+
+
+def test_builtin_sets_show_their_pairs_and_no_training_image_or_caption():
+  """Held-out: only held-out pairs; seen and retrieval: only seen pairs; none of the
+  default run's training images (its seed, the first 1,000 scenes) or captions."""
+  from clip_jax.data import builtin
+  train_seed = get_config('tiny').builtin.seed
+  training = list(builtin.scenes(1000, seed=train_seed, held_out=False))
+  train_images = {ds.normalize_pixels(r['image']).tobytes() for r in training}
+  train_captions = {c for r in training for c in r['caption']}
+  held_out = {builtin.label_of(c, s) for c, s in builtin.HELD_OUT}
+  seen = set(range(len(builtin.class_names()))) - held_out
+  expected = {('builtin', 'test'): held_out, ('builtin', 'train'): seen,
+              ('builtin_seen', 'test'): seen, ('builtin_seen', 'train'): seen,
+              ('builtin_captions', 'test'): seen}
+  assert {(spec, split) for spec, s in ds.BUILTIN_SETS.items() for split in s.splits} == set(
+      expected)
+  keys = {}
+  for (spec, split), labels in expected.items():
+    data = ds.open_dataset(spec, split=split, image_size=32)
+    assert data.name == ds.builtin_name(spec, split)
+    assert data.num_examples == ds.BUILTIN_SETS[spec].size
+    assert data.classnames == builtin.class_names()
+    rows = _rows(data)
+    assert {label for label, _ in rows} == labels, (spec, split)   # all of them, nothing else
+    keys[spec, split] = {image for _, image in rows}
+    assert len(keys[spec, split]) == data.num_examples
+    assert not keys[spec, split] & train_images, (spec, split)
+  # The seen test set is new images, not the probe's.
+  assert not keys['builtin_seen', 'test'] & keys['builtin_seen', 'train']
+  retrieval = ds.open_dataset('builtin_captions', image_size=32)
+  assert not {c for cs in retrieval.captions for c in cs} & train_captions
+  with pytest.raises(ValueError, match="builtin_captions: unknown split 'train'"):
+    ds.open_dataset('builtin_captions', split='train', image_size=32)
+
+
+def test_summary_one_line_per_metric_held_out_last():
+  from clip_jax.train import zeroshot_summary
+  results = {'zeroshot/builtin_test/top1': 40.0, 'zeroshot/builtin_test/top5': 99.0,
+             'zeroshot/builtin_seen_test/top1': 81.25, 'zeroshot/pics/top1': 50.0,
+             'retrieval/builtin_captions_test/text_to_image_R1': 12.5,
+             'retrieval/builtin_captions_test/image_to_text_R1': 9.0,
+             'retrieval/builtin_captions_test/num_examples': 200.0}
+  assert zeroshot_summary(results).splitlines() == [
+      'zero-shot top-1 on seen pairs, new images: 81.2% (chance 2.8%)',
+      'zero-shot top-1 on pics: 50.0%',
+      'text->image R@1 on held-out captions: 12.5% (chance 0.5%)',
+      'zero-shot top-1 on held-out: 40.0% (chance 2.8%)']
+  # The probe split of the built-in scenes shows seen pairs: not called held-out.
+  assert zeroshot_summary({'zeroshot/builtin_train/top1': 1.0}) == (
+      'zero-shot top-1 on builtin_train: 1.0%')

@@ -34,9 +34,9 @@ def _brute_force_recall(images, texts, owner, ks):
     order = np.argsort(-scores[:, t], kind='stable')
     t2i_ranks.append(int(np.flatnonzero(order == owner[t])[0]))
   for k in ks:
-    out[f'image_to_text_R@{k}'] = 100.0 * np.mean(np.array(i2t_ranks) < k)
+    out[f'image_to_text_R{k}'] = 100.0 * np.mean(np.array(i2t_ranks) < k)
   for k in ks:
-    out[f'text_to_image_R@{k}'] = 100.0 * np.mean(np.array(t2i_ranks) < k)
+    out[f'text_to_image_R{k}'] = 100.0 * np.mean(np.array(t2i_ranks) < k)
   return out
 
 
@@ -69,9 +69,9 @@ def test_recall_tie_breaking_is_by_lower_index():
   owner = np.array([1, 0])            # text 0 describes image 1, text 1 describes image 0
   got = retrieval_recall(images, texts, owner, ks=(1,))
   # text 0 -> image 1 loses the tie to image 0; text 1 -> image 0 wins it.
-  assert got['text_to_image_R@1'] == 50.0
+  assert got['text_to_image_R1'] == 50.0
   # image 0's caption is text 1, behind text 0; image 1's caption text 0 is first.
-  assert got['image_to_text_R@1'] == 50.0
+  assert got['image_to_text_R1'] == 50.0
 
 
 def test_recall_rejects_bad_caption_maps():

@@ -267,7 +267,7 @@ def fault_shards(gcs, tmp_path_factory):
 
 def own_data(gcs, workdir, steps, *extra):
   return ['-m', 'clip_jax.main', *extra, f'--workdir=gs://{gcs.bucket}/{workdir}',
-          '--config.builtin.enabled=False', '--config.eval.zeroshot=',
+          '--config.builtin.enabled=False', '--config.eval.zeroshot=', '--config.eval.retrieval=',
           f'--config.data.train.pattern=gs://{gcs.bucket}/{FAULT_DATA}/*.tfrecord',
           f'--config.data.tokenizer.model_path=gs://{gcs.bucket}/run/builtin_data/tokenizer.model',
           '--config.batch_size=64', f'--config.total_steps={steps}', '--config.log.every_steps=1',
@@ -282,7 +282,7 @@ def test_storage_faults_are_retried_then_named_and_never_counted_as_bad_data(
     # The reference run, profiled on the way (the trace is made locally, then uploaded).
     run(own_data(gcs, 'clean', 12, '--config.log.profile_steps=(2,3)'), env, str(tmp_path))
     clean = losses(gcs, 'clean')
-    assert clean[12]['data_skipped'] > 0   # the corrupt images, skipped and counted
+    assert clean[12]['data/skipped'] > 0   # the corrupt images, skipped and counted
     assert any(n.endswith('.xplane.pb') for n in gcs.list_objects('clean/profile/'))
 
     # For a while: reading the second shard past its first 8 MiB fails twice with 503
@@ -297,8 +297,8 @@ def test_storage_faults_are_retried_then_named_and_never_counted_as_bad_data(
         f'gs://{gcs.bucket}/{second}: reading 8388608 bytes at byte 8388608 failed' in line
         for line in retried), recovered.stderr[-5000:]
     again = losses(gcs, 'recovered')
-    assert [again[s]['data_skipped'] for s in range(1, 13)] == [
-        clean[s]['data_skipped'] for s in range(1, 13)]
+    assert [again[s]['data/skipped'] for s in range(1, 13)] == [
+        clean[s]['data/skipped'] for s in range(1, 13)]
     np.testing.assert_allclose([again[s]['loss'] for s in range(1, 13)],
                                [clean[s]['loss'] for s in range(1, 13)], atol=1e-5)
 

@@ -33,7 +33,8 @@ def test_two_processes_train_tiny_through_the_launcher(tmp_path):
       '--config=configs/tiny.py', f'--workdir={workdir}', f'--config.total_steps={STEPS}',
       '--config.batch_size=8', '--config.builtin.num_train=64', '--config.builtin.num_shards=2',
       f'--config.checkpoint.every_steps={STEPS}', '--config.log.every_steps=1',
-      '--config.log.tensorboard=False', '--config.eval.zeroshot=']
+      '--config.log.tensorboard=False', '--config.eval.zeroshot=',
+      '--config.eval.retrieval=']
   coordinator = f'127.0.0.1:{free_port()}'
   logs = [tmp_path / f'process_{i}.log' for i in range(NUM_PROCESSES)]
   processes = []

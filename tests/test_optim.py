@@ -1,8 +1,11 @@
 """AdamW masks, multipliers, freezing and the schedule."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from clip_jax import optim
@@ -96,15 +99,106 @@ def test_grad_clipping_and_bfloat16_first_moment():
   np.testing.assert_allclose(flatten_names(updates)['params/visual/proj'], -0.1, rtol=1e-2)
 
 
-def test_warmup_cosine_schedule():
+def open_clip_cosine_lr(base_lr, warmup_length, steps, step):
+  """open_clip's training/scheduler.py `cosine_lr` (with its `_warmup_lr`), in float64."""
+  if step < warmup_length:
+    return base_lr * (step + 1) / warmup_length
+  e, es = step - warmup_length, steps - warmup_length
+  return 0.5 * (1 + np.cos(np.pi * e / es)) * base_lr
+
+
+def test_schedule_is_open_clips_warmup_and_cosine():
+  # The paper's run: peak 5e-4, 2,000 warmup steps, 390,625 steps, decay to 0.
+  config = get_config('tiny')
+  config.optim.update(learning_rate=5e-4, warmup_steps=2000, end_lr_factor=0.0)
+  total = 390_625
+  schedule = jax.jit(optim.learning_rate_schedule(config.optim, total_steps=total))
+  warmup = np.asarray(schedule(jnp.arange(2000)), np.float64)
+  expected = np.array([open_clip_cosine_lr(5e-4, 2000, total, s) for s in range(2000)])
+  assert warmup[0] == np.float32(5e-4 / 2000) > 0                  # step 0 learns
+  np.testing.assert_allclose(warmup, expected, rtol=1.2e-7, atol=0)   # within 1 float32 ulp
+  steps = np.r_[2000:2100, 2000:total:997, total - 50:total]
+  decay = np.asarray(schedule(jnp.asarray(steps)), np.float64)
+  expected = np.array([open_clip_cosine_lr(5e-4, 2000, total, s) for s in steps])
+  np.testing.assert_allclose(decay, expected, rtol=1e-6, atol=5e-4 * 1e-6)
+  assert float(schedule(total + 1000)) == pytest.approx(0.0, abs=1e-12)   # stays at the end
+
+
+def test_schedule_ends_at_end_lr_factor():
   config = get_config('tiny')
   config.optim.update(learning_rate=1.0, warmup_steps=10, end_lr_factor=0.1)
   schedule = optim.learning_rate_schedule(config.optim, total_steps=110)
-  assert float(schedule(0)) == 0.0
-  assert float(schedule(5)) == pytest.approx(0.5)
+  assert [float(schedule(s)) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0], rel=1e-7)
   assert float(schedule(10)) == pytest.approx(1.0)
-  assert float(schedule(60)) == pytest.approx(0.55, rel=1e-4)     # half way down the cosine
-  assert float(schedule(110)) == pytest.approx(0.1)
+  assert float(schedule(60)) == pytest.approx(0.55, rel=1e-6)     # half way down the cosine
+  assert float(schedule(110)) == pytest.approx(0.1, rel=1e-6)
+  config.optim.warmup_steps = 0
+  schedule = optim.learning_rate_schedule(config.optim, total_steps=100)
+  assert float(schedule(0)) == 1.0 and float(schedule(100)) == pytest.approx(0.1, rel=1e-6)
+
+
+def _one_device_step(config, logit_scale=None):
+  """(state before, state after one train step, metrics) of a small CLIP on one device."""
+  from clip_jax import train_step
+  from clip_jax.models.clip import build_model
+  from clip_jax.sharding import make_mesh
+  from test_train_step import make_batch
+  model = build_model(config.model)
+  mesh = make_mesh((1, 1, 1), devices=jax.devices()[:1])
+  state, shardings = train_step.create_train_state(config, model, mesh, jax.random.key(0))
+  if logit_scale is not None:
+    params = dict(state.params, logit_scale=jnp.float32(logit_scale))
+    state = jax.device_put(state.replace(params=params), shardings)
+  before = jax.device_get(state)
+  step = train_step.make_train_step(config, model, mesh, shardings)
+  state, metrics = step(state, make_batch(config))
+  return before, jax.device_get(state), jax.device_get(metrics)
+
+
+def _warmup_config():
+  from test_train_step import small_config
+  config = small_config()
+  config.optim.update(learning_rate=5e-4, warmup_steps=2000)     # the paper's warmup
+  return config
+
+
+def test_first_step_of_a_warmup_changes_every_weight():
+  before, after, metrics = _one_device_step(_warmup_config())
+  assert metrics['learning_rate'] == np.float32(5e-4 / 2000)
+  old, new = flatten_names(before.params), flatten_names(after.params)
+  unchanged = [n for n in old if np.array_equal(old[n], new[n])]
+  assert unchanged == []
+
+
+def test_temperature_is_clamped_to_1_and_100_after_the_update():
+  tx = optim.make_optimizer(_toy_config())
+  ln100 = np.float32(math.log(100.0))
+
+  def step(logit_scale, grad):
+    tree = _toy_tree()
+    tree['params']['logit_scale'] = jnp.float32(logit_scale)
+    grads = jax.tree_util.tree_map(jnp.zeros_like, tree)
+    grads['params']['logit_scale'] = jnp.float32(grad)
+    updates, _ = tx.update(grads, tx.init(tree), tree)
+    return np.float32(optax.apply_updates(tree, updates)['params']['logit_scale'])
+
+  # Outside the range: projected onto the bound, whatever the gradient says.
+  assert step(-0.7, +1.0) == 0.0 and np.exp(step(-0.7, -1.0)) == 1.0
+  assert step(5.3, -1.0) == ln100 and np.exp(step(5.3, +1.0)) == pytest.approx(100.0, rel=1e-6)
+  # At a bound the gradient still acts: pointing inwards it moves the scale back
+  # (lr 0.1, Adam's first step is lr x sign), pointing outwards it leaves it at the bound.
+  assert step(0.0, -1.0) == pytest.approx(0.1, rel=1e-5) and step(0.0, +1.0) == 0.0
+  assert step(ln100, +1.0) == pytest.approx(ln100 - 0.1, rel=1e-5) and step(ln100, -1.0) == ln100
+  assert step(2.0, +1.0) == pytest.approx(1.9, rel=1e-5)             # inside: plain AdamW
+
+
+@pytest.mark.parametrize('start, temperature', [(-0.5, 1.0), (5.0, 100.0)])
+def test_train_step_keeps_the_temperature_within_1_and_100(start, temperature):
+  # The same program as above (JAX's compilation cache): only the start differs.
+  before, after, metrics = _one_device_step(_warmup_config(), logit_scale=start)
+  assert float(before.params['logit_scale']) == np.float32(start)
+  assert float(metrics['temperature']) == pytest.approx(temperature, rel=1e-6)
+  assert np.isfinite(metrics['loss']) and metrics['grad_norm'] > 0
 
 
 def test_bad_optim_config_names_the_key():

@@ -26,7 +26,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, 'configs', 'tiny.py')
 # Small, quick settings shared by the in-process and the subprocess runs.
 TEST_SETTINGS = {'batch_size': 64, 'builtin.num_train': 1024, 'data.shuffle_buffer': 500,
-                 'eval.zeroshot': '', 'log.every_steps': 1, 'checkpoint.every_steps': 10}
+                 'eval.zeroshot': '', 'eval.retrieval': '', 'log.every_steps': 1,
+                 'checkpoint.every_steps': 10}
 
 
 @pytest.fixture(scope='module')
@@ -127,7 +128,7 @@ def test_resume_onto_another_mesh(tmp_path, data_dir, capsys):
   second.mesh.shape = (2, 4, 1)
   # The restored state is the saved one, laid out for the new mesh (FSDP over 4).
   mesh = jax.make_mesh((2, 4, 1), ('data', 'fsdp', 'model'))
-  prepared = train.prepare_config(second, str(tmp_path))
+  prepared, _ = train.prepare_config(second, str(tmp_path))
   model = build_model(prepared.model)
   with checkpoint.TrainCheckpointer(tmp_path, every_steps=4) as ckpt:
     state, _, meta = train.restore_train_state(ckpt, 4, prepared, model, mesh)
@@ -149,14 +150,27 @@ def test_resume_onto_another_mesh(tmp_path, data_dir, capsys):
   assert 'training already complete at step 6' in capsys.readouterr().out
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_dir):
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_dir, monkeypatch):
   config = tiny_config(data_dir, total_steps=20, checkpoint__every_steps=2)
-  config.optim.learning_rate = 1e30   # the first full-size update blows the weights up
+  real_make_train_step = train.make_train_step
+
+  def make_train_step(*args, **kwargs):
+    step_fn = real_make_train_step(*args, **kwargs)
+
+    def poisoned(state, batch):
+      # Update 5 turns the weights into NaN, as an exploding update would.
+      state, metrics = step_fn(state, batch)
+      if int(state.step) == 5:
+        state = state.replace(params=jax.tree.map(lambda x: x * np.nan, state.params))
+      return state, metrics
+    return poisoned
+
+  monkeypatch.setattr(train, 'make_train_step', make_train_step)
   with pytest.raises(FloatingPointError, match=r'loss is nan at step (\d+): training stopped; '
                      r'the last good checkpoint is step (\d+)') as error:
     train.train_and_evaluate(config, str(tmp_path))
   nan_step, kept = map(int, re.search(r'step (\d+):.*step (\d+) in', str(error.value)).groups())
-  assert kept < nan_step and checkpoint.latest_step(tmp_path) == kept
+  assert nan_step == 6 and kept == 4 and checkpoint.latest_step(tmp_path) == kept
   _, variables = checkpoint.load_model(tmp_path)
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(variables))
 

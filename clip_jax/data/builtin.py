@@ -9,8 +9,10 @@ prompts ("a photo of a red circle.") is zero-shot transfer to new compositions,
 which is what makes the tiny default run say something about CLIP.
 
 `prepare(...)` writes everything once under a directory: TFRecord shards of the
-training scenes (read back by the ordinary tf.data pipeline), a SentencePiece
-tokenizer trained on the captions, and the held-out evaluation shards.
+training scenes (read back by the ordinary tf.data pipeline) and a SentencePiece
+tokenizer trained on the captions. Evaluation scenes are drawn on demand from the
+seeds in EVAL_SEEDS, which training refuses, so no evaluation image is a training
+image; clip_jax.evaluate.datasets names the evaluation sets built from them.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ COLOURS = {
 HELD_OUT = (('red', 'circle'), ('green', 'square'), ('blue', 'triangle'),
             ('yellow', 'cross'), ('purple', 'star'), ('white', 'ring'))
 SIZES = {'small': (0.16, 0.22), 'large': (0.28, 0.38)}   # radius as a fraction of the image
+PLACES = ('top left', 'top', 'top right', 'left', 'middle', 'right',   # see _place
+          'bottom left', 'bottom', 'bottom right')
 # Caption templates; a few name only the colour or only the shape.
 CAPTION_TEMPLATES = (
     'a {colour} {shape}',
@@ -50,6 +54,15 @@ CAPTION_TEMPLATES = (
     'a {colour} {shape} near the {place}',
     'something {colour} on the {place}',
     'a {size} {shape} on the {place}',
+)
+# Phrasings never used in training (no training template can produce these strings), built
+# from training words only, so the tokenizer knows them. Each names colour, shape, size
+# and place: within a set of distinct scenes (`retrieval_scenes`) a caption fits one image.
+RETRIEVAL_TEMPLATES = (
+    'the {size} {colour} {shape} is on the {place}',
+    'on the {place} there is a {size} {colour} {shape}',
+    'a picture of a {size} {colour} {shape} near the {place}',
+    '{colour} {shape}, {size}, on the {place}',
 )
 # Prompts of the zero-shot classifier (ensembled, as in CLIP).
 PROMPT_TEMPLATES = ('a photo of a {}.', 'a {}.', 'a drawing of a {}.', 'there is a {} in the picture')
@@ -133,6 +146,40 @@ def scenes(num: int, seed: int, held_out: bool, image_size: int = 32,
     yield {'image': image, 'caption': captions, 'label': label_of(colour, shape)}
 
 
+def retrieval_scenes(num: int, seed: int, image_size: int = 32,
+                     captions_per_image: int = 2) -> list[dict]:
+  """`num` scenes of seen pairs, no two with the same (colour, shape, size, place), each
+  captioned by `captions_per_image` different RETRIEVAL_TEMPLATES.
+
+  Distinct descriptions make text->image Recall@1 reachable: a caption's words single out
+  its image. At most 30 pairs x 2 sizes x 9 places = 540 scenes exist.
+  """
+  pairs = [(c, s) for s in SHAPES for c in COLOURS if (c, s) not in HELD_OUT]
+  most = len(pairs) * len(SIZES) * len(PLACES)
+  if not 0 < num <= most:
+    raise ValueError(f'retrieval_scenes: num={num}; expected 1..{most} distinct scenes')
+  if not 0 < captions_per_image <= len(RETRIEVAL_TEMPLATES):
+    raise ValueError(f'retrieval_scenes: captions_per_image={captions_per_image}; expected '
+                     f'1..{len(RETRIEVAL_TEMPLATES)}')
+  rng = np.random.default_rng(seed)
+  records, described = [], set()
+  while len(records) < num:
+    colour, shape = pairs[rng.integers(len(pairs))]
+    size = list(SIZES)[rng.integers(len(SIZES))]
+    image, place = draw_scene(colour, shape, size, rng, image_size)
+    if (colour, shape, size, place) in described:
+      continue
+    described.add((colour, shape, size, place))
+    templates = rng.choice(len(RETRIEVAL_TEMPLATES), captions_per_image, replace=False)
+    captions = [RETRIEVAL_TEMPLATES[t].format(colour=colour, shape=shape, size=size, place=place)
+                for t in templates]
+    records.append({'image': image, 'caption': captions, 'label': label_of(colour, shape)})
+  return records
+
+
+# Seeds of the evaluation scenes: probe fitting, held-out pairs, seen pairs, retrieval.
+EVAL_SEEDS = {'probe': 1, 'held_out': 2, 'seen': 3, 'retrieval': 4}
+
 # Bump when the drawing or captions change: prepared data of another version is redrawn.
 VERSION = 1
 MANIFEST = 'builtin.json'
@@ -155,6 +202,10 @@ def prepare(output_dir: storage.PathLike, *, num_train: int = 8000, seed: int = 
   `num_train`, ... A directory already holding data of the same settings is reused,
   so a resumed run reads exactly the files it started with.
   """
+  if int(seed) in EVAL_SEEDS.values():
+    raise ValueError(f'builtin: seed {seed} draws evaluation scenes '
+                     f'({", ".join(f"{k}={v}" for k, v in EVAL_SEEDS.items())}); train on '
+                     'another seed (config.builtin.seed) so no evaluation image is trained on')
   from clip_jax.data.shards import write_tfrecord_shards  # tensorflow, only when writing
   from clip_jax.data.tokenizers import train_sentencepiece
   settings = dict(version=VERSION, num_train=int(num_train), seed=int(seed),

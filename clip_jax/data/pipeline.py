@@ -43,7 +43,7 @@ import tensorflow as tf
 
 from clip_jax import storage
 from clip_jax.data import preprocess
-from clip_jax.data.sources import Source, StreamControl, host_files
+from clip_jax.data.sources import Source, StreamControl, describe_first_record, host_files
 from clip_jax.data.tokenizers import Tokenizer, get_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -57,6 +57,8 @@ except (RuntimeError, ValueError):   # already initialised, or no GPU support at
 AUTOTUNE = tf.data.AUTOTUNE
 STATE_VERSION = 1
 _POSITION_KEYS = ('_epoch', '_group', '_offset', '_raw_index')
+# Where a record came from and why it was skipped: used for the skip log, then dropped.
+_ORIGIN_KEYS = ('_file', '_record', '_sample', '_problem')
 # Samples the next group fills its shuffle buffer with while the current one is read.
 _GROUP_READAHEAD = 1
 
@@ -146,19 +148,27 @@ def train_dataset(source: Source, *, batch_size: int, image_size: int, tokenizer
   control = control if control is not None else StreamControl()
   parallel = AUTOTUNE if num_parallel_calls < 0 else num_parallel_calls
   with_label = bool(source.label_key)
+  # Every raw record travels with its file and its index there, so that a skipped
+  # sample can be named (see `_decode_or_skip`).
   if source.kind == 'tfds':
     host_split, _ = source.tfds_dataset(process_index, process_count)
     num_files = 1
-    read_group = lambda file_indices: host_split  # noqa: E731  (one "file": the host's split)
+    where = f'TFDS {source.tfds_name}:{source.tfds_split}'
+    # One "file": the host's split.
+    read_group = lambda file_indices: host_split.enumerate().map(  # noqa: E731
+        lambda index, example: (example, where, index))
   else:
     files = host_files(source.files(), process_index, process_count, f'{source.name}.pattern')
     num_files = len(files)
     file_names = tf.constant(files)
 
+    def read_file(path: tf.Tensor) -> tf.data.Dataset:
+      return source.read_file(path, control).enumerate().map(
+          lambda index, raw: (raw, path, index))
+
     def read_group(file_indices: tf.Tensor) -> tf.data.Dataset:
       names = tf.data.Dataset.from_tensor_slices(tf.gather(file_names, file_indices))
-      return names.interleave(lambda path: source.read_file(path, control),
-                              cycle_length=cycle_length, block_length=1,
+      return names.interleave(read_file, cycle_length=cycle_length, block_length=1,
                               num_parallel_calls=min(cycle_length, 16), deterministic=True)
 
   groups = tf.data.Dataset.from_generator(
@@ -175,29 +185,61 @@ def train_dataset(source: Source, *, batch_size: int, image_size: int, tokenizer
     # Once stopped, a group ends here: its shuffle buffer is not decoded on the way out.
     records = records.take_while(control.keep_going)
     return records.enumerate().skip(skip).map(
-        lambda offset, raw: dict(raw=raw, _epoch=epoch, _group=group, _offset=offset,
-                                 _key=crop_key))
+        lambda offset, record: dict(raw=record[0], _file=record[1], _record=record[2],
+                                    _epoch=epoch, _group=group, _offset=offset, _key=crop_key))
 
   raw = groups.interleave(group_stream, cycle_length=1, block_length=1,
                           num_parallel_calls=_GROUP_READAHEAD, deterministic=True)
   raw = raw.enumerate(start=state['raw_seen']).map(lambda index, x: dict(x, _raw_index=index))
 
   def decode(element: dict[str, Any]) -> dict[str, tf.Tensor]:
+    element = dict(element)
     sample = source.parse(element.pop('raw'))
     key = tf.random.experimental.stateless_fold_in(element.pop('_key'), element['_offset'])
     crop_seed, caption_seed = tf.unstack(tf.random.experimental.stateless_split(key, 2))
     caption, has_caption = _choose_caption(sample['captions'], caption_seed)
     image = preprocess.decode_random_crop(sample['image'], crop_seed, image_size, crop=crop,
                                           scale=crop_scale, ratio=crop_ratio, method=resize_method)
-    out = dict(element, image=preprocess.normalize(image), caption=caption, _valid=has_caption)
+    problem = tf.where(has_caption, '', 'no caption')
+    out = dict(element, image=preprocess.normalize(image), caption=caption,
+               _sample=sample['key'])
     if with_label:
       out['label'] = tf.cast(sample['label'], tf.int32)
-      out['_valid'] = has_caption & (sample['label'] >= 0)
+      problem = tf.where((sample['label'] < 0) & has_caption, 'no label', problem)
+    return dict(out, _problem=problem)
+
+  def undecodable(element: dict[str, Any]) -> dict[str, tf.Tensor]:
+    # Same structure as `decode`'s output; the sample id, if the record still parses.
+    sample_id = tf.data.Dataset.from_tensors(element['raw']).map(
+        lambda *raw: source.parse(*raw)['key']).ignore_errors().concatenate(
+            tf.data.Dataset.from_tensors(tf.constant(''))).take(1).get_single_element()
+    out = {k: v for k, v in element.items() if k not in ('raw', '_key')}
+    out.update(image=tf.zeros([image_size, image_size, 3]), caption=tf.constant(''),
+               _sample=sample_id, _problem=tf.constant('undecodable image or record'))
+    if with_label:
+      out['label'] = tf.constant(-1, tf.int32)
     return out
 
-  samples = raw.map(decode, num_parallel_calls=parallel, deterministic=True).ignore_errors()
-  samples = samples.filter(lambda s: s['_valid']).map(
-      lambda s: {k: v for k, v in s.items() if k != '_valid'})
+  def decode_or_skip(element: dict[str, Any]) -> tf.data.Dataset:
+    # A record whose parse or decode fails would vanish in ignore_errors without a trace;
+    # the fallback element keeps its file and index for the log (and is then dropped).
+    one = tf.data.Dataset.from_tensors(element)
+    return one.map(decode).ignore_errors().concatenate(one.map(undecodable)).take(1)
+
+  def log_skipped(sample: dict[str, tf.Tensor]) -> tf.Tensor:
+    def note() -> tf.Tensor:
+      return tf.numpy_function(control.note_skip, [sample['_file'], sample['_record'],
+                                                   sample['_sample'], sample['_problem']],
+                               tf.bool, stateful=True)
+    return tf.cond(sample['_problem'] == '', lambda: tf.constant(True), note)
+
+  # A reader's storage error reaches here as an element error: it is dropped, and the
+  # iterator raises it from the StreamControl instead (see the module docstring).
+  samples = raw.ignore_errors().interleave(decode_or_skip, cycle_length=AUTOTUNE,
+                                           block_length=1, num_parallel_calls=parallel,
+                                           deterministic=True)
+  samples = samples.filter(lambda s: log_skipped(s) & (s['_problem'] == '')).map(
+      lambda s: {k: v for k, v in s.items() if k not in _ORIGIN_KEYS})
   batches = samples.batch(batch_size, drop_remainder=True)
   batches = batches.map(lambda b: _tokenize_batch(b, tokenizer, batch_size),
                         num_parallel_calls=parallel, deterministic=True)
@@ -279,9 +321,10 @@ class TrainIterator:
     self.close()
 
 
-def _check_readable(source: Source, process_index: int, process_count: int) -> None:
+def check_readable(source: Source, process_index: int, process_count: int) -> None:
   """Fails with the source's name if this host's data holds no decodable sample at all
-  (an endless stream would otherwise wait forever)."""
+  (an endless stream would otherwise wait forever); the error lists what the first
+  record holds and the keys that choose the image and caption."""
   control = StreamControl()
   if source.kind == 'tfds':
     samples, _ = source.tfds_dataset(process_index, process_count)
@@ -304,8 +347,15 @@ def _check_readable(source: Source, process_index: int, process_count: int) -> N
       lambda ok: ok).take(1).as_numpy_iterator())
   control.check()
   if not found:
+    hint = ''
+    if source.kind != 'tfds':
+      hint = (f'; the first record of {files[0]} has {describe_first_record(source, files[0])}; '
+              f'{source.name}.image_key / caption_key{" / label_key" if source.label_key else ""}'
+              f' name the features to read (now {source.images!r} / {source.captions!r}'
+              f'{f" / {source.label_key!r}" if source.label_key else ""}; source '
+              f'{source.kind!r}: {source.name}.source)')
     raise ValueError(f'{source.name}: no readable sample (decodable image with a caption'
-                     f'{" and a label" if source.label_key else ""}) in {where}')
+                     f'{" and a label" if source.label_key else ""}) in {where}{hint}')
 
 
 def read_policy(data: Mapping[str, Any]) -> storage.RetryPolicy:
@@ -340,6 +390,15 @@ def _processes(process_index: int | None, process_count: int | None) -> tuple[in
   return int(process_index), int(process_count)
 
 
+def check_train_source(config: Any, process_index: int | None = None,
+                       process_count: int | None = None) -> None:
+  """config.data.train names files (or a TFDS split) of which this host's share holds a
+  decodable sample; the error names the key to change."""
+  process_index, process_count = _processes(process_index, process_count)
+  source = Source.from_config(config.data.train, 'config.data.train', read_policy(config.data))
+  check_readable(source, process_index, process_count)
+
+
 def make_train_iterator(config: Any, tokenizer: Tokenizer | None = None, *,
                         process_index: int | None = None, process_count: int | None = None,
                         state: Mapping[str, Any] | None = None) -> TrainIterator:
@@ -357,7 +416,7 @@ def make_train_iterator(config: Any, tokenizer: Tokenizer | None = None, *,
   options = _data_options(config.data)
   files = [] if source.kind == 'tfds' else host_files(
       source.files(), process_index, process_count, 'config.data.train.pattern')
-  _check_readable(source, process_index, process_count)
+  check_readable(source, process_index, process_count)
   fingerprint = _fingerprint(source, files, int(config.seed), process_index, process_count,
                              options['shuffle_buffer'], options['cycle_length'])
   build = lambda position, control: train_dataset(  # noqa: E731

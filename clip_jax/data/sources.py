@@ -10,7 +10,12 @@ TFRecord features (`tf.train.Example`, written by `clip_jax.data.shards`):
   caption  bytes list     one or more captions (training picks one at random)
   label    int64          optional class index
   key      bytes          optional sample id (e.g. the source file path)
-Other names (e.g. img2dataset's `jpg` / `txt`) are set with `image_key` / `caption_key`.
+img2dataset's TFRecord names (`jpg`/`jpeg`/`png`/`webp`, `txt`) are found without
+flags: with empty `image_key` / `caption_key` each record uses the first of the
+candidate features it has. Other names are set with `image_key` / `caption_key`.
+
+The kind is inferred from the pattern unless `source` is given: `*.tar` -> wds,
+`tfds:NAME` -> tfds, anything else -> tfrecord (`infer_kind`).
 
 Webdataset `.tar` shards (img2dataset layout): members `KEY.jpg|jpeg|png|webp`,
 `KEY.txt` (the caption), `KEY.json`, optionally `KEY.cls` (a label); the members of one
@@ -54,13 +59,18 @@ import tensorflow as tf
 
 from clip_jax import storage
 from clip_jax.data import tfrecord
+from clip_jax.metrics_writer import DATA_SKIPPED
 
 logger = logging.getLogger(__name__)
 
 SOURCE_KINDS = ('tfrecord', 'wds', 'tfds')
-# Per source kind, what an empty image_key / caption_key means.
-DEFAULT_IMAGE_KEY = {'tfrecord': 'image', 'wds': 'jpg,jpeg,png,webp', 'tfds': 'image'}
-DEFAULT_CAPTION_KEY = {'tfrecord': 'caption', 'wds': 'txt', 'tfds': ''}
+TFDS_PREFIX = 'tfds:'       # a pattern 'tfds:NAME' names a TFDS dataset
+SAMPLE_KEY = 'key'          # the optional TFRecord feature holding a sample's id
+# Per source kind, what an empty image_key / caption_key means: candidates in order of
+# preference (our shards' names first, then img2dataset's).
+DEFAULT_IMAGE_KEY = {'tfrecord': 'image,jpg,jpeg,png,webp', 'wds': 'jpg,jpeg,png,webp',
+                     'tfds': 'image'}
+DEFAULT_CAPTION_KEY = {'tfrecord': 'caption,txt', 'wds': 'txt', 'tfds': ''}
 _RANGE = re.compile(r'\{(\d+)\.\.(\d+)\}')
 
 
@@ -110,6 +120,51 @@ def expand_pattern(pattern: str | list[str] | tuple[str, ...], name: str = 'patt
   return sorted(set(files))
 
 
+def infer_kind(pattern: str) -> str:
+  """The kind a pattern names: 'tfds:NAME' -> tfds, all parts `.tar` -> wds, else tfrecord."""
+  if pattern.startswith(TFDS_PREFIX):
+    return 'tfds'
+  parts = _split_top_level_commas(pattern)
+  if parts and all(part.lower().endswith('.tar') for part in parts):
+    return 'wds'
+  return 'tfrecord'
+
+
+def _candidates(keys: str) -> list[str]:
+  return [k.strip() for k in keys.split(',') if k.strip()]
+
+
+def _first_present(values: list[tf.Tensor], present: Any) -> tf.Tensor:
+  """The first of `values` for which `present(value)` holds (else the last)."""
+  chosen = values[-1]
+  for value in reversed(values[:-1]):
+    chosen = tf.cond(present(value), lambda v=value: v, lambda c=chosen: c)
+  return chosen
+
+
+def describe_first_record(source: 'Source', path: str) -> str:
+  """'jpg (bytes), txt (bytes), width (int64)': what the first record of a shard holds."""
+  control = StreamControl()
+  try:
+    if source.kind == 'tfrecord':
+      payload = next(iter(_tfrecord_payloads(path, source.retry, control)), None)
+      if not payload:
+        return 'no readable record'
+      example = tf.train.Example.FromString(payload)
+      return ', '.join(f'{name} ({feature.WhichOneof("kind").replace("_list", "")})'
+                       for name, feature in sorted(example.features.feature.items()))
+    members, first_key = [], None
+    for key, extension, _ in _wds_members(path, source.retry, control):
+      if first_key not in (None, key):
+        break
+      first_key = key
+      members.append(extension)
+    return (f'members {", ".join(f"{first_key}.{e}" for e in members)}' if members
+            else 'no readable member')
+  finally:
+    control.finish()
+
+
 def host_files(files: list[str], process_index: int, process_count: int,
                name: str = 'pattern') -> list[str]:
   """This host's share of the files: every `process_count`-th one from `process_index`."""
@@ -138,8 +193,11 @@ class StreamControl:
   interpreter exits are finished then, while tensorflow is still whole.
   """
 
+  LOGGED_SKIPS = 5   # the first few skipped samples of a stream are logged, with where
+
   def __init__(self):
     self._lock = threading.Lock()
+    self._skips_logged = 0
     self._errors: list[storage.StorageError] = []
     self._stopped = threading.Event()
     self._running = tf.Variable(True, trainable=False)
@@ -150,6 +208,19 @@ class StreamControl:
     with self._lock:
       if not self.stopped:   # a reader cut short by the stop is no fault
         self._errors.append(error)
+
+  def note_skip(self, file: bytes, record: Any, sample: bytes, problem: bytes) -> bool:
+    """Logs a skipped sample (file, record index, sample key, why), the first few only."""
+    with self._lock:
+      self._skips_logged += 1
+      count = self._skips_logged
+    if count <= self.LOGGED_SKIPS:
+      key = sample.decode('utf-8', 'replace')
+      logger.warning('skipped a sample (%s): %s, record %d%s%s', problem.decode(),
+                     file.decode('utf-8', 'replace'), int(record), f', key {key}' if key else '',
+                     f'; further skips are only counted ({DATA_SKIPPED})'
+                     if count == self.LOGGED_SKIPS else '')
+    return True
 
   def check(self) -> None:
     """Raises the first recorded StorageError, if any."""
@@ -258,13 +329,13 @@ def _wds_members(path: str, retry: storage.RetryPolicy, control: StreamControl
 def wds_samples(path: str, image_extensions: tuple[str, ...], caption_extension: str,
                 label_extension: str = '', retry: storage.RetryPolicy = storage.RetryPolicy(),
                 control: StreamControl | None = None
-                ) -> Iterator[tuple[bytes, np.ndarray, int]]:
-  """(image bytes, captions, label) per sample of an img2dataset tar shard.
+                ) -> Iterator[tuple[bytes, np.ndarray, int, bytes]]:
+  """(image bytes, captions, label, sample key) per sample of an img2dataset tar shard.
 
   A sample without an image or a caption yields an empty value (skipped and counted
   downstream), so every sample the shard holds is seen by the skip counter.
   """
-  def finish(parts: dict[str, bytes]):
+  def finish(key: str, parts: dict[str, bytes]):
     image = next((parts[e] for e in image_extensions if e in parts), b'')
     caption = parts.get(caption_extension, b'')
     label = -1
@@ -273,7 +344,7 @@ def wds_samples(path: str, image_extensions: tuple[str, ...], caption_extension:
         label = int(parts[label_extension].decode('utf-8').strip())
       except ValueError:
         label = -1
-    return image, np.array([caption], dtype=object), label
+    return image, np.array([caption], dtype=object), label, key.encode('utf-8')
 
   if isinstance(path, bytes):
     path = path.decode('utf-8')
@@ -282,12 +353,12 @@ def wds_samples(path: str, image_extensions: tuple[str, ...], caption_extension:
   for sample_key, extension, data in _wds_members(path, retry, control or StreamControl()):
     if sample_key != key:
       if parts:
-        yield finish(parts)
+        yield finish(key, parts)
       key, parts = sample_key, {}
     if extension in wanted:
       parts[extension] = data
   if parts:
-    yield finish(parts)
+    yield finish(key, parts)
 
 
 _CHUNK = 64
@@ -346,9 +417,19 @@ class Source:
   @classmethod
   def from_config(cls, section: Mapping[str, Any], name: str = 'config.data.train',
                   retry: storage.RetryPolicy = storage.RetryPolicy()) -> 'Source':
+    """From a config.data.train-like section; an empty `source` is inferred from the
+    pattern (`infer_kind`), and a pattern 'tfds:NAME' names the TFDS dataset."""
     fields = {f.name for f in dataclasses.fields(cls)} - {'kind', 'name', 'retry'}
     values = {k: section[k] for k in fields if k in section}
-    return cls(kind=section['source'], name=name, retry=retry, **values)
+    pattern = values.get('pattern', '')
+    kind = section.get('source', '') or (
+        'tfds' if not pattern and values.get('tfds_name') else infer_kind(pattern))
+    if kind == 'tfds' and pattern.startswith(TFDS_PREFIX):
+      values['tfds_name'], values['pattern'] = pattern[len(TFDS_PREFIX):], ''
+    elif kind == 'tfds' and pattern:
+      raise ValueError(f'{name}.pattern: {pattern!r} with source "tfds"; name the dataset '
+                       f'with {name}.tfds_name or a pattern "tfds:NAME"')
+    return cls(kind=kind, name=name, retry=retry, **values)
 
   @property
   def images(self) -> str:
@@ -375,28 +456,35 @@ class Source:
                                       self.label_key.lower(), self.retry, control)),
         args=(path,), output_signature=(tf.TensorSpec([None], tf.string),
                                         tf.TensorSpec([None, 1], tf.string),
-                                        tf.TensorSpec([None], tf.int64))).unbatch()
+                                        tf.TensorSpec([None], tf.int64),
+                                        tf.TensorSpec([None], tf.string))).unbatch()
 
   def parse(self, *raw: Any) -> dict[str, tf.Tensor]:
-    """A raw element -> {'image', 'captions' [K], 'label'}; bad records raise (and are skipped).
+    """A raw element -> {'image', 'captions' [K], 'label', 'key'}; bad records raise (and
+    are skipped). `key` is the sample's id ('' when the record has none).
 
     Takes the element whole or, as Dataset.map passes a tuple, its parts.
     """
     raw = raw[0] if len(raw) == 1 else raw
     if self.kind == 'tfrecord':
-      features = {self.images: tf.io.FixedLenFeature([], tf.string, default_value=''),
-                  self.captions: tf.io.VarLenFeature(tf.string)}
+      # Every candidate name is parsed (absent ones come back empty); each record uses
+      # the first candidate it has, so shards that name their features differently mix.
+      images, captions = _candidates(self.images), _candidates(self.captions)
+      features = {k: tf.io.FixedLenFeature([], tf.string, default_value='') for k in images}
+      features.update({k: tf.io.VarLenFeature(tf.string) for k in captions})
       if self.label_key:
         features[self.label_key] = tf.io.FixedLenFeature([], tf.int64, default_value=-1)
+      features.setdefault(SAMPLE_KEY, tf.io.FixedLenFeature([], tf.string, default_value=''))
       parsed = tf.io.parse_single_example(raw, features)
       label = parsed[self.label_key] if self.label_key else tf.constant(-1, tf.int64)
-      return {'image': parsed[self.images],
-              'captions': tf.sparse.to_dense(parsed[self.captions], default_value=''),
-              'label': label}
+      image = _first_present([parsed[k] for k in images], lambda v: tf.strings.length(v) > 0)
+      texts = _first_present([tf.sparse.to_dense(parsed[k], default_value='') for k in captions],
+                             lambda v: tf.size(v) > 0)
+      return {'image': image, 'captions': texts, 'label': label, 'key': parsed[SAMPLE_KEY]}
     if self.kind == 'wds':
-      image, captions, label = raw
-      return {'image': image, 'captions': captions, 'label': label}
-    return raw   # tfds: already parsed by tfds_dataset
+      image, captions, label, key = raw
+      return {'image': image, 'captions': captions, 'label': label, 'key': key}
+    return dict(raw, key=tf.constant(''))   # tfds: already parsed by tfds_dataset
 
   def tfds_builder(self):
     import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel

@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
   args = parser.parse_args(argv)
   kind = args.source
   if kind == 'auto':
-    kind = 'text' if args.input.endswith('.txt') else 'wds' if '.tar' in args.input else 'tfrecord'
+    from clip_jax.data.sources import infer_kind  # pylint: disable=import-outside-toplevel
+    kind = 'text' if args.input.endswith('.txt') else infer_kind(args.input)
   try:
     captions = list(read_captions(args.input, kind, args.caption_key, args.max_captions))
     model_path = train_sentencepiece(captions, args.output_prefix, args.vocab_size,

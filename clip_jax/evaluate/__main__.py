@@ -37,7 +37,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   parser.add_argument('--task', required=True,
                       help=f'one or more of {", ".join(TASKS)}, comma-separated')
   parser.add_argument('--dataset', required=True,
-                      help="builtin, folder:PATH (or a directory), tfds:NAME or shards:GLOB; "
+                      help='builtin, builtin_seen, builtin_captions (clip_jax.evaluate.datasets), '
+                           'folder:PATH (or a directory), tfds:NAME or shards:GLOB; '
                            'comma-separated for several')
   parser.add_argument('--split', default=defaults.split)
   parser.add_argument('--train_split', default=defaults.train_split,

@@ -5,8 +5,17 @@ A dataset spec is a string:
   folder:PATH   (or just PATH of a directory) images in `PATH/<class_name>/*.jpg`; an
                 optional `PATH/captions.jsonl` with {"image": "<relative path>",
                 "captions": [...]} per line makes it a retrieval set
-  builtin       the procedurally drawn scenes of `clip_jax.data.builtin` (split `test`:
-                held-out colour/shape pairs, `train` and `test_seen`: seen pairs)
+  builtin       drawn scenes of `clip_jax.data.builtin` at seeds training never uses:
+                split `test` shows only the six held-out colour/shape pairs (zero-shot
+                transfer to new compositions), `train` only seen pairs (to fit a probe);
+                the classes are all 36 pairs
+  builtin_seen  new images of the 30 seen (trained) pairs, classified among all 36: what
+                training bought on pairs it saw (`train` as for builtin)
+  builtin_captions  retrieval (`test` only): new images of seen pairs, no two alike in
+                colour, shape, size and place, captioned only in phrasings training never
+                used (builtin.RETRIEVAL_TEMPLATES, made of training's words), so each
+                caption fits one image and Recall@1 can reach 100%
+                (sizes and seeds of the three: BUILTIN_SETS)
   tfds:NAME     a TFDS dataset already under `data_dir` (nothing is downloaded); class
                 names from its `label` feature
   shards:GLOB   TFRecord shards written by `clip_jax.data.write_tfrecord_shards`; `{split}`
@@ -33,6 +42,7 @@ from jax.sharding import Mesh
 from PIL import Image
 
 from clip_jax import storage
+from clip_jax.data import builtin
 from clip_jax.evaluate.features import host_batch_size, host_batches
 from clip_jax.models import architectures
 
@@ -40,10 +50,40 @@ from clip_jax.models import architectures
 CLIP_MEAN = np.array(architectures.CLIP_MEAN, np.float32)
 CLIP_STD = np.array(architectures.CLIP_STD, np.float32)
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff')
-# The built-in scenes are generated, not stored: how many per split and from which seed.
-BUILTIN_SPLITS = {'train': (False, 1), 'test': (True, 2), 'test_seen': (False, 3)}
-BUILTIN_DEFAULT_SIZE = 600
 CLASSNAMES_FILE = 'classnames.txt'
+
+
+@dataclasses.dataclass(frozen=True)
+class BuiltinSet:
+  """A built-in evaluation set (drawn on demand, nothing stored); see the module docstring."""
+  splits: dict[str, tuple[bool, int]]   # split -> (held-out pairs?, seed)
+  size: int                             # scenes per split (config.eval.max_examples overrides)
+  summary: str                          # what the trainer's summary calls its `test` split
+  distinct: bool = False                # builtin.retrieval_scenes: distinct, new phrasings
+
+
+_SEEDS = builtin.EVAL_SEEDS
+_PROBE = (False, _SEEDS['probe'])
+BUILTIN_SETS = {
+    'builtin': BuiltinSet({'test': (True, _SEEDS['held_out']), 'train': _PROBE}, 600, 'held-out'),
+    'builtin_seen': BuiltinSet({'test': (False, _SEEDS['seen']), 'train': _PROBE}, 600,
+                               'seen pairs, new images'),
+    'builtin_captions': BuiltinSet({'test': (False, _SEEDS['retrieval'])}, 200,
+                                   'held-out captions', distinct=True),
+}
+BUILTIN_SPLITS = BUILTIN_SETS['builtin'].splits   # the notebook redraws these pictures
+
+
+def builtin_name(spec: str, split: str) -> str:
+  """The dataset name a built-in set's results carry: '<task>/builtin_test/top1'."""
+  return f'{spec}_{split}'
+
+
+def builtin_summary(name: str) -> str | None:
+  """What a result dataset name measures ('held-out' for 'builtin_test'); None unless it is
+  the `test` split of a built-in set."""
+  return next((s.summary for spec, s in BUILTIN_SETS.items()
+               if name == builtin_name(spec, 'test')), None)
 
 
 def normalize_pixels(uint8_images: np.ndarray) -> np.ndarray:
@@ -196,22 +236,26 @@ def _read_captions(path: str, files: list[str], labels: np.ndarray
   return kept, np.array(kept_labels, np.int32), captions
 
 
-def builtin_scenes(split: str, image_size: int, max_examples: int = 0) -> EvalData:
-  """The generated scenes of `clip_jax.data.builtin` (deterministic; needs no files)."""
-  from clip_jax.data import builtin   # pylint: disable=import-outside-toplevel
-  if split not in BUILTIN_SPLITS:
-    raise ValueError(f'builtin: unknown split {split!r}; expected one of '
-                     f'{", ".join(BUILTIN_SPLITS)}')
-  held_out, seed = BUILTIN_SPLITS[split]
-  records = list(builtin.scenes(max_examples or BUILTIN_DEFAULT_SIZE, seed=seed,
-                                held_out=held_out, image_size=image_size))
+def builtin_scenes(split: str, image_size: int, max_examples: int = 0,
+                   spec: str = 'builtin') -> EvalData:
+  """The split `split` of the built-in set `spec` (BUILTIN_SETS; deterministic, no files)."""
+  known = BUILTIN_SETS[spec]
+  if split not in known.splits:
+    raise ValueError(f'{spec}: unknown split {split!r}; expected one of '
+                     f'{", ".join(known.splits)}')
+  held_out, seed = known.splits[split]
+  num = max_examples or known.size
+  if known.distinct:
+    records = builtin.retrieval_scenes(num, seed=seed, image_size=image_size)
+  else:
+    records = list(builtin.scenes(num, seed=seed, held_out=held_out, image_size=image_size))
   images = normalize_pixels(np.stack([r['image'] for r in records]))
   labels = np.array([r['label'] for r in records], np.int32)
 
   def load_rows(indices: np.ndarray) -> dict[str, np.ndarray]:
     return {'image': images[indices], 'label': labels[indices], 'index': indices.astype(np.int32)}
 
-  return EvalData(name=f'builtin_{split}', num_examples=len(records),
+  return EvalData(name=builtin_name(spec, split), num_examples=len(records),
                   batches=lambda batch_size, mesh: host_batches(len(records), batch_size, mesh,
                                                                 load_rows),
                   classnames=builtin.class_names(), captions=[list(r['caption']) for r in records],
@@ -250,6 +294,40 @@ def stream_dataset(source: dict, name: str, image_size: int, max_examples: int =
                   tokenized_captions=tokenizer is not None, skipped=skipped)
 
 
+def stream_source(spec: str, split: str, data_dir: str | None) -> dict | None:
+  """The data-pipeline source of a `tfds:` or `shards:` spec (None for the others)."""
+  kind, _, location = spec.partition(':')
+  if kind == 'tfds' and location:
+    return dict(kind='tfds', tfds_name=location, tfds_split=split, data_dir=data_dir or '',
+                label_key='label')
+  if kind == 'shards' and location:
+    return dict(kind='tfrecord', pattern=location.replace('{split}', split), label_key='label')
+  return None
+
+
+def check_readable(spec: str, *, split: str, image_size: int, data_dir: str | None,
+                   mesh: Mesh, batch_size: int,
+                   tokenizer: Callable[[Sequence[str]], np.ndarray] | None = None) -> None:
+  """Fails (naming what is wrong) unless the split exists and its first examples decode.
+
+  Stream sets (tfds, shards) are checked by their first decodable record, without
+  counting the split; folders and built-in sets by their first batch.
+  """
+  source = stream_source(spec, split, data_dir)
+  if source is not None:
+    from clip_jax.data import pipeline, sources  # tensorflow stays out until a stream is read
+    pipeline.check_readable(sources.Source(name=f'dataset {spec!r}', **source), 0, 1)
+    return
+  data = open_dataset(spec, split=split, image_size=image_size, data_dir=data_dir,
+                      max_examples=batch_size, tokenizer=tokenizer)
+  if data.num_examples == 0:
+    raise ValueError('no example')
+  first = next(iter(data.batches(batch_size, mesh)), None)
+  if first is None or not np.asarray(first['mask']).any():
+    raise ValueError(f'none of the first {batch_size} examples could be read'
+                     + (f' (e.g. {data.skipped[0]})' if data.skipped else ''))
+
+
 def open_dataset(spec: str, *, split: str = 'test', image_size: int, data_dir: str | None = None,
                  max_examples: int = 0,
                  tokenizer: Callable[[Sequence[str]], np.ndarray] | None = None) -> EvalData:
@@ -258,29 +336,26 @@ def open_dataset(spec: str, *, split: str = 'test', image_size: int, data_dir: s
   `tokenizer` is used by TFDS and shard datasets, whose pipeline tokenizes captions.
   """
   kind, _, location = spec.partition(':')
-  if storage.is_url(spec) or (not location and kind != 'builtin' and storage.is_dir(spec)):
+  if spec in BUILTIN_SETS:
+    return builtin_scenes(split, image_size, max_examples, spec)
+  if storage.is_url(spec) or (not location and storage.is_dir(spec)):
     kind, location = 'folder', spec
-  if kind == 'builtin':
-    return builtin_scenes(split, image_size, max_examples)
   if kind == 'folder':
     folder = storage.join(location, split)
     folder = folder if folder.is_dir() else storage.resolve(location)
     return image_folder(folder, image_size, max_examples, name=storage.name(location))
-  if kind == 'tfds' and location:
-    return stream_dataset(dict(kind='tfds', tfds_name=location, tfds_split=split,
-                               data_dir=data_dir or '', label_key='label'),
-                          location.split('/')[0].split(':')[0], image_size, max_examples,
-                          tokenizer)
-  if kind == 'shards' and location:
-    pattern = location.replace('{split}', split)
-    folder = storage.resolve(pattern).parent
+  source = stream_source(spec, split, data_dir)
+  if source is not None and kind == 'tfds':
+    return stream_dataset(source, location.split('/')[0].split(':')[0], image_size,
+                          max_examples, tokenizer)
+  if source is not None:
+    folder = storage.resolve(source['pattern']).parent
     name = folder.name or 'shards'
-    data = stream_dataset(dict(kind='tfrecord', pattern=pattern, label_key='label'), name,
-                          image_size, max_examples, tokenizer)
+    data = stream_dataset(source, name, image_size, max_examples, tokenizer)
     names_file = folder / CLASSNAMES_FILE
     if storage.is_file(names_file):
       data.classnames = [line.strip() for line in storage.read_text(names_file).splitlines()
                          if line.strip()]
     return data
-  raise ValueError(f'dataset {spec!r}: expected builtin, folder:PATH (or a directory), '
-                   'tfds:NAME or shards:GLOB')
+  raise ValueError(f'dataset {spec!r}: expected {", ".join(BUILTIN_SETS)}, folder:PATH (or a '
+                   'directory), tfds:NAME or shards:GLOB')

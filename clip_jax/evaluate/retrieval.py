@@ -72,7 +72,8 @@ def retrieval_ranks(image_features: np.ndarray, text_features: np.ndarray,
 def retrieval_recall(image_features: np.ndarray, text_features: np.ndarray,
                      text_to_image: np.ndarray, ks: Sequence[int] = (1, 5, 10)
                      ) -> dict[str, float]:
-  """Recall@K in percent: `image_to_text_R@K` and `text_to_image_R@K` for each K.
+  """Recall@K in percent: `image_to_text_R{K}` and `text_to_image_R{K}` for each K (no
+  '@': the same name is a legal TensorBoard tag).
 
   image->text: an image is a hit when any of its captions is among the K best texts;
   text->image: a caption is a hit when its image is among the K best images.
@@ -80,7 +81,7 @@ def retrieval_recall(image_features: np.ndarray, text_features: np.ndarray,
   image_ranks, text_ranks = retrieval_ranks(image_features, text_features, text_to_image)
   metrics = {}
   for k in ks:
-    metrics[f'image_to_text_R@{k}'] = 100.0 * float(np.mean(image_ranks < k))
+    metrics[f'image_to_text_R{k}'] = 100.0 * float(np.mean(image_ranks < k))
   for k in ks:
-    metrics[f'text_to_image_R@{k}'] = 100.0 * float(np.mean(text_ranks < k))
+    metrics[f'text_to_image_R{k}'] = 100.0 * float(np.mean(text_ranks < k))
   return metrics

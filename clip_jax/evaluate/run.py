@@ -127,7 +127,8 @@ def read_lines(path: storage.PathLike, what: str) -> list[str]:
   return [line.strip() for line in storage.read_text(path).splitlines() if line.strip()]
 
 
-def _specs(value: str) -> list[str]:
+def dataset_specs(value: str) -> list[str]:
+  """'builtin, folder:x' -> ['builtin', 'folder:x'] (a config.eval task's dataset list)."""
   return [s.strip() for s in str(value or '').split(',') if s.strip()]
 
 
@@ -160,7 +161,7 @@ def run_evaluations(eval_config: ml_collections.ConfigDict, model: CLIP, variabl
   cache_dir = eval_config.cache_dir or None
   results: dict[str, float] = {}
   start = time.time()
-  for spec in _specs(eval_config.zeroshot):
+  for spec in dataset_specs(eval_config.zeroshot):
     data = eval_datasets.open_dataset(spec, **common)
     templates = (data.templates if eval_config.templates == 'auto' and data.templates
                  else get_templates(eval_config.templates, data.name))
@@ -168,12 +169,12 @@ def run_evaluations(eval_config: ml_collections.ConfigDict, model: CLIP, variabl
                                 templates=templates, classnames=classnames, cache_dir=cache_dir)
     metrics = _with_skipped(metrics, data)
     results.update({f'zeroshot/{data.name}/{k}': v for k, v in metrics.items()})
-  for spec in _specs(eval_config.retrieval):
+  for spec in dataset_specs(eval_config.retrieval):
     data = eval_datasets.open_dataset(spec, **common)
     metrics = evaluate_retrieval(data, model, variables, mesh, tokenizer, batch_size=batch_size)
     metrics = _with_skipped(metrics, data)
     results.update({f'retrieval/{data.name}/{k}': v for k, v in metrics.items()})
-  for spec in _specs(eval_config.linear_probe):
+  for spec in dataset_specs(eval_config.linear_probe):
     test = eval_datasets.open_dataset(spec, **common)
     train = eval_datasets.open_dataset(spec, **dict(common, split=eval_config.train_split))
     metrics = evaluate_linear_probe(train, test, model, variables, mesh, batch_size=batch_size,
