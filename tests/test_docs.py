@@ -118,7 +118,8 @@ RECIPES: list[Recipe] = [
     # README's Train line, the same command with more flags), for a pod: --dry_run ------
     # The full architectures on one CPU (160 s of CPU for ViT-B/32's 2 steps, far more for
     # the large ones) are run by tests/test_arch_configs.py, which checks that each
-    # docstring holds the command; CLIP_JAX_DOCS_LOCAL=run runs them here too.
+    # docstring holds the command (in CI one per family, RN50 and ViT-B/32; all nine with
+    # CLIP_JAX_TEST_ALL_ARCHITECTURES=1); CLIP_JAX_DOCS_LOCAL=run runs them here too.
     Recipe(r'^python -m clip_jax\.main --config=configs/\w+\.py:local\b',
            how='real' if os.environ.get('CLIP_JAX_DOCS_LOCAL') == 'run' else 'covered',
            covered_by='tests/test_arch_configs.py::test_local_variant_trains_two_steps',
