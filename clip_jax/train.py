@@ -135,10 +135,11 @@ def choose_data(config: ml_collections.ConfigDict, explicit: frozenset[str] = fr
   config.builtin.enabled = False
   notes = ['data: config.data.train names your data, so the built-in scenes are off']
   from clip_jax.evaluate.datasets import BUILTIN_SETS  # pylint: disable=import-outside-toplevel
+  from clip_jax.evaluate.run import dataset_specs  # pylint: disable=import-outside-toplevel
   for task in EVAL_TASKS:
     if f'eval.{task}' in explicit:
       continue
-    specs = [s.strip() for s in config.eval[task].split(',') if s.strip()]
+    specs = dataset_specs(config.eval[task])
     kept = [s for s in specs if s not in BUILTIN_SETS]
     if kept != specs:
       config.eval[task] = ','.join(kept)

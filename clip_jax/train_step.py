@@ -217,11 +217,6 @@ def make_grad_fn(config: Any, model: nn.Module, mesh: Mesh
   return grad_fn
 
 
-def clip_temperature(params: dict[str, Any], logit_scale_max: float) -> dict[str, Any]:
-  """exp(logit_scale) <= exp(logit_scale_max) (100 in the paper), applied after updates."""
-  return dict(params, logit_scale=jnp.minimum(params['logit_scale'], logit_scale_max))
-
-
 def make_train_step(config: Any, model: nn.Module, mesh: Mesh, state_shardings: TrainState
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
   """The jitted step `(state, batch) -> (state, metrics)`; the input state is donated.
@@ -234,14 +229,14 @@ def make_train_step(config: Any, model: nn.Module, mesh: Mesh, state_shardings: 
   tx = optim.make_optimizer(config)
   schedule = optim.learning_rate_schedule(config.optim, config.total_steps)
   grad_fn = make_grad_fn(config, model, mesh)
-  logit_scale_max = float(config.model.logit_scale_max)
 
   def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
     trainable = state.trainable
     loss, metrics, batch_stats, grads = grad_fn(trainable, state.batch_stats, batch)
     updates, opt_state = tx.update(grads, state.opt_state, trainable)
+    # The optimizer's last transform keeps logit_scale in [0, ln 100] (optim.clamp_logit_scale).
     trainable = optax.apply_updates(trainable, updates)
-    params = clip_temperature(trainable['params'], logit_scale_max)
+    params = trainable['params']
     metrics = dict(metrics, loss=loss,
                    temperature=jnp.exp(params['logit_scale']),
                    grad_norm=optim.trainable_norm(config.optim, grads),

@@ -249,24 +249,11 @@ class Buckets:
 
   def upload(self, bucket: str, name: str, data: bytes) -> None:
     self.ensure(bucket)
-    query = urllib.parse.urlencode(dict(uploadType='media', name=name))
-    request = urllib.request.Request(
-        f'{self.emulator.url}/upload/storage/v1/b/{bucket}/o?{query}', data=data,
-        method='POST', headers={'Content-Type': 'application/octet-stream'})
-    with urllib.request.urlopen(request) as r:
-      r.read()
+    self.emulator.upload(name, data, bucket=bucket)
 
   def list_objects(self, bucket: str, prefix: str = '') -> list[str]:
     self.ensure(bucket)
-    names, token = [], ''
-    while True:
-      query = urllib.parse.urlencode(dict(prefix=prefix, **({'pageToken': token} if token else {})))
-      with urllib.request.urlopen(f'{self.emulator.url}/storage/v1/b/{bucket}/o?{query}') as r:
-        page = json.load(r)
-      names += [item['name'] for item in page.get('items', [])]
-      token = page.get('nextPageToken', '')
-      if not token:
-        return sorted(names)
+    return self.emulator.list_objects(prefix, bucket=bucket)
 
 
 # --- stand-ins for cluster tools --------------------------------------------------------

@@ -118,11 +118,12 @@ class GcsEmulator:
 
   # --- plain-HTTP access for the test's own checks --------------------------------------
 
-  def list_objects(self, prefix: str = '') -> list[str]:
+  def list_objects(self, prefix: str = '', bucket: str | None = None) -> list[str]:
     names, token = [], ''
     while True:
       query = urllib.parse.urlencode(dict(prefix=prefix, **({'pageToken': token} if token else {})))
-      with urllib.request.urlopen(f'{self.url}/storage/v1/b/{self.bucket}/o?{query}') as r:
+      with urllib.request.urlopen(
+          f'{self.url}/storage/v1/b/{bucket or self.bucket}/o?{query}') as r:
         page = json.load(r)
       names += [item['name'] for item in page.get('items', [])]
       token = page.get('nextPageToken', '')
@@ -135,11 +136,11 @@ class GcsEmulator:
         f'{self.url}/download/storage/v1/b/{self.bucket}/o/{quoted}?alt=media') as r:
       return r.read()
 
-  def upload(self, name: str, data: bytes) -> None:
+  def upload(self, name: str, data: bytes, bucket: str | None = None) -> None:
     query = urllib.parse.urlencode(dict(uploadType='media', name=name))
-    request = urllib.request.Request(f'{self.url}/upload/storage/v1/b/{self.bucket}/o?{query}',
-                                     data=data, method='POST',
-                                     headers={'Content-Type': 'application/octet-stream'})
+    request = urllib.request.Request(
+        f'{self.url}/upload/storage/v1/b/{bucket or self.bucket}/o?{query}', data=data,
+        method='POST', headers={'Content-Type': 'application/octet-stream'})
     with urllib.request.urlopen(request) as r:
       r.read()
 
