@@ -32,6 +32,7 @@ EXTRAS = {
     'test': [
         'pytest>=9.0,<10',
         'pytest-timeout>=2.4,<3',
+        'pytest-xdist>=3.8,<4',       # pytest.ini: two test files at once
         # The demo notebook runs top to bottom in CI; launch scripts pass shellcheck.
         'papermill>=2.7.0,<2.8',
         'nbclient>=0.11.0,<0.12',

@@ -35,7 +35,7 @@ if REPO not in sys.path:
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from clip_jax import benchmark, sharding, train_step  # noqa: E402
+from clip_jax import benchmark, flops, sharding, train_step  # noqa: E402
 from clip_jax import config as base_config  # noqa: E402
 from clip_jax.models.clip import build_model  # noqa: E402
 from clip_jax.models.layers import attention  # noqa: E402
@@ -43,16 +43,16 @@ from clip_jax.models.layers import attention  # noqa: E402
 
 def _abstract_step(config: Any, batch: int):
   """(jitted step, abstract state, abstract batch) without allocating parameters."""
-  mesh = sharding.mesh_from_config(config.mesh)
+  layout = sharding.layout_from_config(config.mesh)
   config.batch_size = batch
   model = build_model(config.model)
-  abstract_state, shardings = train_step.train_state_shardings(config, model, mesh)
+  abstract_state, shardings = train_step.train_state_shardings(config, model, layout)
   state = jax.tree_util.tree_map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)
-  step = train_step.make_train_step(config, model, mesh, shardings)
+  step = train_step.make_train_step(config, model, layout, shardings)
   host = benchmark.synthetic_batch(config.model, batch)
   batch_specs = {k: jax.ShapeDtypeStruct(v.shape, v.dtype,
-                                         sharding=sharding.batch_sharding(mesh, v.ndim))
+                                         sharding=sharding.batch_sharding(layout, v.ndim))
                  for k, v in host.items()}
   return step, state, batch_specs
 
@@ -115,7 +115,7 @@ def mode_remat(args) -> None:
     _emit({'mode': 'remat', 'model': args.model, 'batch': args.batch, 'policy': policy,
            'scan_layers': args.scan, 'compile_s': compile_s,
            'step_s_median': statistics.median(times),
-           'xla_flops': benchmark.xla_flops(compiled), **memory})
+           'xla_flops': flops.xla_flops(compiled), **memory})
 
 
 def mode_dtype(args) -> None:

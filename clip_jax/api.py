@@ -4,6 +4,7 @@
     model = clip_jax.load('ViT-B-32.pt')         # or a clip_jax workdir, .safetensors, HF dir
     feats = model.encode_image(pixels)           # float32 [N, H, W, 3], CLIP-normalised
     feats = model.encode_text(token_ids)         # int32 [N, context]
+    feats = model.encode_text(model.tokenizer(['a photo of a cat']))
 """
 
 from __future__ import annotations
@@ -11,26 +12,38 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from clip_jax import storage
 from clip_jax.models import build_model, init_variables, model_config
-from clip_jax.models.architectures import ARCHITECTURES, canonical_name
+from clip_jax.models.architectures import (ARCHITECTURE_KEYS, ARCHITECTURES, CLIP_MEAN, CLIP_STD,
+                                           ModelOptions, canonical_name)
 from clip_jax.models.clip import CLIP
 
 
 @dataclasses.dataclass
 class ClipModel:
-  """A CLIP model with its config and variables; encode functions are jitted once."""
+  """The one handle on a CLIP model: config, variables, module, tokenizer and preprocessing.
+
+  `clip_jax.load` makes it; the evaluate and embed CLIs use the same handle with its
+  variables on their mesh (`clip_jax.evaluate.loading.load_for_evaluation`). The module
+  is built once, the encode functions are jitted once, the tokenizer is built on first use.
+  """
   config: ml_collections.ConfigDict     # the model section (see clip_jax.models.architectures)
   variables: dict[str, Any]             # {'params': ..., maybe 'batch_stats': ...}
+  experiment: ml_collections.ConfigDict | None = None   # the run's full config (a workdir)
+  # What `tokenizer` builds: '' (the run's config.data.tokenizer, else the one the
+  # vocabulary implies), 'clip_bpe' or a SentencePiece .model file.
+  tokenizer_spec: str = ''
+  module: CLIP = dataclasses.field(init=False, repr=False)
 
   def __post_init__(self):
-    self.module: CLIP = build_model(self.config)
+    self.module = build_model(self.config)
 
   @property
   def params(self) -> dict[str, Any]:
@@ -41,8 +54,29 @@ class ClipModel:
     return int(self.config.vision.image_size)
 
   @property
+  def image_mean(self) -> tuple[float, float, float]:
+    """RGB mean of [0, 1] pixels that encode_image expects subtracted (then / image_std)."""
+    return CLIP_MEAN
+
+  @property
+  def image_std(self) -> tuple[float, float, float]:
+    return CLIP_STD
+
+  @property
   def context_length(self) -> int:
     return int(self.config.text.context_length)
+
+  @functools.cached_property
+  def tokenizer(self) -> Callable[[Sequence[str]], np.ndarray]:
+    """texts -> int32 [N, context_length]; built on first use (images need none)."""
+    from clip_jax.data.tokenizers import tokenizer_for  # pylint: disable=g-import-not-at-top
+    run = self.experiment
+    section = run.data.get('tokenizer') if run is not None and 'data' in run else None
+    tokenizer = tokenizer_for(self.config, section, self.tokenizer_spec)
+    if tokenizer is None:
+      raise ValueError('--tokenizer: this model has no known tokenizer; pass clip_bpe or a '
+                       'SentencePiece .model file')
+    return tokenizer
 
   @functools.cached_property
   def _encode_image(self):
@@ -72,40 +106,51 @@ class ClipModel:
     return self._encode_text(self.variables, tokens.astype(jnp.int32))
 
 
-_SHAPE_KEYS = ('name', 'embed_dim', 'vision', 'text')
-
-
 def _with_overrides(cfg: ml_collections.ConfigDict, path: str,
                     overrides: dict[str, Any]) -> ml_collections.ConfigDict:
   """The stored model config with option overrides; the weights fix the architecture."""
-  bad = sorted((set(overrides) & set(_SHAPE_KEYS)) | (set(overrides) - set(cfg)))
+  bad = sorted((set(overrides) & set(ARCHITECTURE_KEYS)) | (set(overrides) - set(cfg)))
   if bad:
     raise ValueError(f'clip_jax.load({path!r}): cannot override {bad}; the weights fix the '
                      f'architecture. Options that can be set: '
-                     f'{sorted(set(cfg) - set(_SHAPE_KEYS))}')
+                     f'{sorted(set(cfg) - set(ARCHITECTURE_KEYS))}')
   cfg = ml_collections.ConfigDict(cfg.to_dict())
   cfg.update(overrides)
   return cfg
 
 
-def _load_path(path: str, model_overrides: dict[str, Any]) -> ClipModel:
-  """A ClipModel from a clip_jax workdir, a PyTorch weight file or a HF CLIPModel directory."""
-  # Imported lazily: plain name loading needs neither orbax nor the converter.
-  from clip_jax import checkpoint, convert  # pylint: disable=g-import-not-at-top
-  from clip_jax.convert.hf_layout import is_hf_directory  # pylint: disable=g-import-not-at-top
+def _loaded(stored: ml_collections.ConfigDict, variables: dict[str, Any], path: str,
+            model_overrides: dict[str, Any], experiment: ml_collections.ConfigDict | None,
+            tokenizer: str) -> ClipModel:
+  """The handle on stored weights, in the layer layout (scanned or not) the options ask for."""
   from clip_jax.convert.mapping import set_layer_layout  # pylint: disable=g-import-not-at-top
+  cfg = _with_overrides(stored, path, model_overrides)
+  variables = set_layer_layout(variables, ModelOptions.from_config(cfg).scan_layers)
+  return ClipModel(cfg, variables, experiment, tokenizer)
+
+
+def load_workdir(workdir: str | os.PathLike, *, tokenizer: str = '', **model_overrides: Any
+                 ) -> ClipModel:
+  """A ClipModel from a clip_jax workdir: its latest checkpoint and its experiment config."""
+  # Imported lazily: plain name loading needs neither orbax nor the converter.
+  from clip_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  experiment, variables = checkpoint.load_model(workdir)
+  return _loaded(experiment.model, variables, os.fspath(workdir), model_overrides, experiment,
+                 tokenizer)
+
+
+def _load_path(path: str, model_overrides: dict[str, Any], tokenizer: str) -> ClipModel:
+  """A ClipModel from a clip_jax workdir, a PyTorch weight file or a HF CLIPModel directory."""
+  from clip_jax import convert  # pylint: disable=g-import-not-at-top
+  from clip_jax.convert.hf_layout import is_hf_directory  # pylint: disable=g-import-not-at-top
   if storage.is_dir(path) and not is_hf_directory(path):
-    experiment, variables = checkpoint.load_model(path)
-    cfg = _with_overrides(experiment.model, path, model_overrides)
-  else:
-    imported = convert.load_source(path)
-    cfg = _with_overrides(imported.config, path, model_overrides)
-    variables = imported.variables
-  return ClipModel(cfg, set_layer_layout(variables, bool(cfg.get('scan_layers', False))))
+    return load_workdir(path, tokenizer=tokenizer, **model_overrides)
+  imported = convert.load_source(path)
+  return _loaded(imported.config, imported.variables, path, model_overrides, None, tokenizer)
 
 
-def load(name_or_path: str | os.PathLike, *, seed: int = 0, **model_overrides: Any
-         ) -> ClipModel:
+def load(name_or_path: str | os.PathLike, *, seed: int = 0, tokenizer: str = '',
+         **model_overrides: Any) -> ClipModel:
   """A ClipModel from an architecture name (random init with `seed`) or a path.
 
   A path (relative to the current directory, absolute, or a `gs://` URL) may be a
@@ -116,11 +161,12 @@ def load(name_or_path: str | os.PathLike, *, seed: int = 0, **model_overrides: A
   existing path wins over an architecture name.
 
   `model_overrides` set model options that leave the weights' shapes unchanged,
-  e.g. `dtype='bfloat16'`, `attention_impl='cudnn'`, `scan_layers=True`.
+  e.g. `dtype='bfloat16'`, `attention_impl='cudnn'`, `scan_layers=True`. `tokenizer`
+  is what `model.tokenizer` builds ('' = the workdir's, else the vocabulary's).
   """
   text = os.fspath(name_or_path)
   if storage.is_url(text) or storage.exists(text):
-    return _load_path(str(storage.resolve(text)), model_overrides)
+    return _load_path(str(storage.resolve(text)), model_overrides, tokenizer)
   try:
     name = canonical_name(text)
   except ValueError:
@@ -130,4 +176,4 @@ def load(name_or_path: str | os.PathLike, *, seed: int = 0, **model_overrides: A
   cfg = model_config(name, **model_overrides)
   variables = jax.jit(lambda rng: init_variables(build_model(cfg), cfg, rng))(
       jax.random.key(seed))
-  return ClipModel(cfg, variables)
+  return ClipModel(cfg, variables, tokenizer_spec=tokenizer)

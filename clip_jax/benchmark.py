@@ -3,18 +3,15 @@ r"""Training-step benchmark: compile time, step time, images/s, model FLOPs, MFU
   python -m clip_jax.benchmark --config=configs/vit_b16.py --batch_per_device=256 \
       --steps=20 --config.model.dtype=bfloat16
 
-Times helper C's jitted, donated train step (`clip_jax.train_step`) on synthetic,
+Times the trainer's jitted, donated train step (`clip_jax.train_step`) on synthetic,
 device-resident batches after warm-up (`--pipeline` feeds it from the real input
 pipeline instead, which needs tensorflow and `config.data`). Prints a table, then
 one JSON line; `--output=FILE` also writes the JSON.
 
-Model FLOPs are counted from the architecture (every matmul and convolution of both
-towers and the loss; a training step is 3x the forward: forward, and two matmuls per
-forward matmul in the backward pass), independent of remat, and cross-checked
-against XLA's own count (`compiled.cost_analysis()`, which also counts elementwise
-work, the optimizer, and the recomputation that remat adds). MFU = model FLOPs per
-second / the device's peak (bf16 dense, from `PEAK_FLOPS`); on CPU, where no
-published peak applies, the peak is measured with a large jitted matmul.
+Model FLOPs, XLA's count and the peak behind MFU come from `clip_jax.flops`, which the
+trainer's logged MFU uses too; on CPU, where no published peak applies, the peak is
+measured with a large jitted matmul. The input pipeline alone is measured by
+`python -m clip_jax.data.throughput`.
 
 Nothing here imports tensorflow unless `--pipeline` is given.
 """
@@ -23,143 +20,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import statistics
 import sys
 import time
 from typing import Any, Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from clip_jax import sharding, train_step
+from clip_jax.flops import measure_matmul_peak, model_flops, peak_flops, xla_flops
 from clip_jax.models.clip import build_model
-
-# Dense (no sparsity) peak FLOP/s per chip, by a substring of `device.device_kind`,
-# most specific first. bfloat16 on every device; float32 matmuls run at the TF32 rate
-# on NVIDIA GPUs (JAX's default precision) and as bf16 passes on TPU.
-PEAK_FLOPS: tuple[tuple[str, dict[str, float]], ...] = (
-    ('TPU v6', {'bfloat16': 918e12, 'float32': 918e12}),          # v6e (Trillium)
-    ('TPU v5p', {'bfloat16': 459e12, 'float32': 459e12}),
-    ('TPU v5 lite', {'bfloat16': 197e12, 'float32': 197e12}),     # v5e
-    ('TPU v5e', {'bfloat16': 197e12, 'float32': 197e12}),
-    ('TPU v5', {'bfloat16': 459e12, 'float32': 459e12}),          # v5p reports 'TPU v5'
-    ('TPU v4', {'bfloat16': 275e12, 'float32': 275e12}),
-    ('H200', {'bfloat16': 989e12, 'float32': 494.5e12}),
-    ('H100 PCIe', {'bfloat16': 756e12, 'float32': 378e12}),
-    ('H100', {'bfloat16': 989e12, 'float32': 494.5e12}),          # SXM
-    ('A100', {'bfloat16': 312e12, 'float32': 156e12}),
-)
-
-
-def peak_flops(device: jax.Device, dtype: str) -> float | None:
-  """The published dense peak of `device` for compute `dtype`, or None if unknown."""
-  kind = getattr(device, 'device_kind', '')
-  for key, peaks in PEAK_FLOPS:
-    if key.lower() in kind.lower():
-      return peaks.get(dtype, peaks['bfloat16'])
-  return None
-
-
-def measure_matmul_peak(dtype: str = 'float32', size: int = 1024, repeats: int = 5) -> float:
-  """FLOP/s of a jitted [size, size] @ [size, size] matmul on the default device (best
-  of `repeats`): the practical peak on CPUs, which have no published number here."""
-  x = jnp.ones((size, size), jnp.dtype(dtype))
-  matmul = jax.jit(lambda a: a @ a)
-  matmul(x).block_until_ready()
-  best = math.inf
-  for _ in range(repeats):
-    start = time.perf_counter()
-    matmul(x).block_until_ready()
-    best = min(best, time.perf_counter() - start)
-  return 2 * size ** 3 / best
-
-
-# ---------------------------------------------------------------------------------------
-# Analytic FLOPs. A matmul [m, k] @ [k, n] is 2mkn FLOPs; attention is counted in full
-# (the causal text mask does not skip work in XLA's kernels).
-# ---------------------------------------------------------------------------------------
-
-def _transformer_flops(batch: int, tokens: int, width: int, layers: int, pooled: bool,
-                       mlp_ratio: int = 4) -> int:
-  """A stack of pre-LN blocks; `pooled`: the last block runs for one token per example
-  (keys and values still for all), as `Transformer(final_positions=...)` does unrolled."""
-  per_token = 2 * width * 3 * width + 2 * width * width + 2 * 2 * width * mlp_ratio * width
-  attention = 2 * 2 * tokens * tokens * width            # q.k^T and weights.v
-  if not pooled:
-    return layers * batch * (tokens * per_token + attention)
-  last = tokens * 2 * width * 2 * width + per_token - 2 * width * 2 * width + 2 * 2 * tokens * width
-  return (layers - 1) * batch * (tokens * per_token + attention) + batch * last
-
-
-def _resnet_flops(batch: int, image_size: int, layers: Sequence[int], width: int,
-                  heads: int, embed_dim: int) -> int:
-  """OpenAI's ModifiedResNet: stem, bottlenecks (with avg-pool downsampling), attnpool."""
-  del heads  # the attention pool's FLOPs do not depend on the number of heads
-  conv = lambda hw, k, cin, cout: 2 * hw * hw * k * k * cin * cout
-  side = image_size // 2
-  half = width // 2
-  flops = conv(side, 3, 3, half) + conv(side, 3, half, half) + conv(side, 3, half, width)
-  side //= 2
-  inplanes = width
-  for stage, blocks in enumerate(layers):
-    planes = width * 2 ** stage
-    for i in range(blocks):
-      stride = 2 if (stage > 0 and i == 0) else 1
-      out_side = side // stride
-      flops += conv(side, 1, inplanes, planes) + conv(side, 3, planes, planes)
-      flops += conv(out_side, 1, planes, planes * 4)
-      if stride > 1 or inplanes != planes * 4:
-        flops += conv(out_side, 1, inplanes, planes * 4)
-      inplanes, side = planes * 4, out_side
-  channels, tokens = inplanes, side * side + 1
-  pool = (2 * channels * channels                        # q of the one (mean) query
-          + 2 * 2 * tokens * channels * channels         # k and v of every token
-          + 2 * 2 * tokens * channels                    # scores and weighted sum
-          + 2 * channels * embed_dim)                    # c_proj
-  return batch * flops + batch * pool
-
-
-def model_flops(model_config: Mapping[str, Any], batch: int, pooled: bool | None = None
-                ) -> dict[str, int]:
-  """Analytic FLOPs of one training step at global `batch`: forward per tower, loss, total.
-
-  `total` = 3 x (image + text + loss forward): the backward pass costs two matmuls for
-  every forward matmul (gradients w.r.t. inputs and weights). Remat recomputation is
-  not model work and is not counted (it shows in XLA's count instead). `pooled`: count
-  the last transformer block for the pooled token only (the unrolled model's shortcut,
-  the default unless `scan_layers`); False gives the textbook count of the whole stack.
-  """
-  v, t, embed = model_config['vision'], model_config['text'], model_config['embed_dim']
-  if pooled is None:
-    pooled = not model_config.get('scan_layers', False)
-  if v['type'] == 'vit':
-    grid = v['image_size'] // v['patch_size']
-    tokens = grid * grid + 1
-    image = (2 * batch * grid * grid * v['patch_size'] ** 2 * 3 * v['width']
-             + _transformer_flops(batch, tokens, v['width'], v['layers'], pooled)
-             + 2 * batch * v['width'] * embed)
-  else:
-    image = _resnet_flops(batch, v['image_size'], v['layers'], v['width'], v['heads'], embed)
-  text = (_transformer_flops(batch, t['context_length'], t['width'], t['layers'], pooled)
-          + 2 * batch * t['width'] * embed)
-  loss = 2 * 2 * batch * batch * embed                  # image->text and text->image logits
-  return {'image_forward': image, 'text_forward': text, 'loss_forward': loss,
-          'total': 3 * (image + text + loss)}
-
-
-def xla_flops(compiled: Any) -> float | None:
-  """FLOPs of one execution of a compiled (SPMD-partitioned) program, per device."""
-  try:
-    analysis = compiled.cost_analysis()
-  except Exception:  # pylint: disable=broad-except  (backends without cost analysis)
-    return None
-  if isinstance(analysis, (list, tuple)):
-    analysis = analysis[0] if analysis else None
-  if not analysis or 'flops' not in analysis:
-    return None
-  return float(analysis['flops'])
 
 
 def memory_figures(compiled: Any, device: jax.Device) -> dict[str, int | None]:
@@ -195,7 +66,7 @@ class StepSetup:
   step: Any
   state: Any
   batch: dict[str, jax.Array]
-  mesh: Any
+  mesh: Any                  # sharding.MeshLayout
   global_batch: int
 
 
@@ -214,7 +85,7 @@ def synthetic_batch(model_config: Mapping[str, Any], global_batch: int, seed: in
 
 def setup_step(config: Any, batch_per_device: int) -> StepSetup:
   """Mesh from `config.mesh`, sharded state, jitted step and a device-resident batch."""
-  mesh = sharding.mesh_from_config(config.mesh)
+  mesh = sharding.layout_from_config(config.mesh)
   global_batch = batch_per_device * sharding.data_parallel_size(mesh)
   config.batch_size = global_batch
   model = build_model(config.model)
@@ -238,8 +109,8 @@ def run_benchmark(config: Any, batch_per_device: int, steps: int = 10, warmup: i
                   pipeline: bool = False, measure_cpu_peak: bool = True) -> dict[str, Any]:
   """Compiles and times the train step; returns the figures as a JSON-ready dict."""
   setup = setup_step(config, batch_per_device)
-  device = setup.mesh.devices.flat[0]
-  num_devices = setup.mesh.devices.size
+  device = setup.mesh.mesh.devices.flat[0]
+  num_devices = setup.mesh.mesh.devices.size
 
   start = time.perf_counter()
   compiled = setup.step.lower(setup.state, setup.batch).compile()

@@ -29,12 +29,11 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from clip_jax import storage
+from clip_jax.models.architectures import ARCHITECTURE_KEYS
 
 CONFIG_FILE = 'config.json'
 CHECKPOINT_DIR = 'checkpoints'
 MODEL, OPT_STATE, META = 'model', 'opt_state', 'meta'
-# Model fields that fix the parameter shapes; a workdir is refused when they differ.
-ARCHITECTURE_KEYS = ('name', 'embed_dim', 'vision', 'text')
 
 
 def _handler_registry() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
@@ -185,7 +184,8 @@ class TrainCheckpointer:
   Items per step: `model` (variables), `opt_state`, `meta` (JSON: step, data
   iterator position, anything else the trainer records). `every_steps` sets the
   regular saves; `keep` the last ones kept; `keep_every` (0: none) the steps kept
-  for good.
+  for good. Whether a step is due is orbax's decision (`should_save`); the trainer
+  forces only the saves no interval predicts (the last step, a preemption).
   """
 
   def __init__(self, workdir: str | os.PathLike, every_steps: int, keep: int = 3,
@@ -193,15 +193,20 @@ class TrainCheckpointer:
     policies = [ocp.checkpoint_managers.LatestN(max(1, int(keep)))]
     if keep_every:
       policies.append(ocp.checkpoint_managers.EveryNSteps(int(keep_every)))
+    # Every `every_steps`-th step, and the step a multi-host preemption notice reached.
+    # A policy rather than `save_interval_steps`, which would add orbax's
+    # InitialSavePolicy: a checkpoint at the first step of every fresh run.
+    saves = ocp.checkpoint_managers.AnySavePolicy([
+        ocp.checkpoint_managers.FixedIntervalPolicy(max(1, int(every_steps))),
+        ocp.checkpoint_managers.PreemptionCheckpointingPolicy()])
     options = ocp.CheckpointManagerOptions(
-        save_interval_steps=max(1, int(every_steps)),
+        save_decision_policy=saves,
         preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
         enable_async_checkpointing=async_save,
         # Leftovers of a save cut short (kill -9 during an async write) are removed.
         cleanup_tmp_directories=True,
         create=True)
     self.directory = checkpoint_dir(workdir)
-    self.every_steps = max(1, int(every_steps))
     self._manager = _manager(workdir, options)
 
   def latest_step(self) -> int | None:
@@ -211,8 +216,8 @@ class TrainCheckpointer:
     return sorted(self._manager.all_steps())
 
   def should_save(self, step: int) -> bool:
-    """A regular save is due (orbax's own policy would also save the first step)."""
-    return step % self.every_steps == 0
+    """A save is due at `step` by the policy above (and `step` is past the latest)."""
+    return self._manager.should_save(step)
 
   def reached_preemption(self, step: int) -> bool:
     """True on every host once a multi-host preemption notice reached `step`."""
@@ -220,7 +225,11 @@ class TrainCheckpointer:
 
   def save(self, step: int, variables: Mapping[str, Any], opt_state: Any,
            meta: Mapping[str, Any], force: bool = False) -> bool:
-    """Starts an (async) save if `step` is due or `force`; returns whether it did."""
+    """Starts an (async) save if `step` is due or `force`; returns whether it did.
+
+    `force` is for the saves that must happen off the interval: the last step and a
+    single-process SIGTERM (which orbax's preemption policy does not see).
+    """
     if step in self._manager.all_steps():
       return False
     meta = dict(meta, step=int(step), kind='train')

@@ -12,27 +12,29 @@ from typing import Any
 
 import ml_collections
 
-from clip_jax import storage
+from clip_jax import sharding, storage
+from clip_jax.data.tokenizers import default_tokenizer_type
 from clip_jax.models.architectures import canonical_name, model_config
 from clip_jax.models.clip import validate_model_config
 from clip_jax.losses import LOSSES
 from clip_jax.optim import validate_optim_config
-from clip_jax.sharding import rules_from_config
 
 
 def _mesh_defaults() -> ml_collections.ConfigDict:
-  # Axis sizes over (data, fsdp, model); -1 takes the devices that are left. The mesh
-  # shape picks the strategy: (n,1,1) data parallel, (d,f,1) FSDP, (d,f,m) + tensor
-  # parallel. Placement rules: see clip_jax.sharding.ShardingRules.
+  # clip_jax.sharding.MeshLayout: axis sizes over `axes`, default (data, fsdp, model); -1
+  # takes the devices that are left. The shape picks the strategy: (n,1,1) data
+  # parallel, (d,f,1) FSDP, (d,f,m) + tensor parallel. Axes may be renamed: the roles
+  # below name them (checked: each must be one of `axes`).
   return ml_collections.ConfigDict(dict(
-      shape=(-1, 1, 1), axes=('data', 'fsdp', 'model'),
+      shape=sharding.MESH_SHAPE, axes=sharding.MESH_AXES,
+      batch_axes=sharding.BATCH_AXES,   # data-parallel axes: a batch is split over them
       # Ordered (regex over 'visual/.../kernel', spec) overrides; spec 'fsdp,model',
       # ',fsdp' or '' (replicated), 'fsdp+model' splits one dimension over two axes.
       param_rules=(),
       # Ordered (logical axis, mesh axis): tensor parallelism of heads and MLP widths.
-      logical_rules=(('heads', 'model'), ('mlp', 'model')),
-      fsdp_axis='fsdp',
-      fsdp_min_size=4096,       # smaller arrays stay replicated under FSDP
+      logical_rules=sharding.DEFAULT_LOGICAL_RULES,
+      fsdp_axis=sharding.FSDP_AXIS,     # parameters and optimizer state split over it; '' = none
+      fsdp_min_size=sharding.FSDP_MIN_SIZE,   # smaller arrays stay replicated under FSDP
   ))
 
 
@@ -87,8 +89,8 @@ def _eval_defaults() -> ml_collections.ConfigDict:
 
 
 def _data_defaults(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  # clip_jax.data: the training source, crops, host pipeline and tokenizer. OpenAI-sized
-  # text towers use the CLIP BPE; smaller vocabularies (tiny) a SentencePiece model.
+  # clip_jax.data: the training source, crops, host pipeline and tokenizer (by default the
+  # one the text tower was made for: clip_jax.data.tokenizers.default_tokenizer_type).
   return ml_collections.ConfigDict(dict(
       train=dict(
           # 'tfrecord' | 'wds' (img2dataset .tar) | 'tfds'; '' = from the pattern
@@ -115,7 +117,7 @@ def _data_defaults(model: ml_collections.ConfigDict) -> ml_collections.ConfigDic
       read_retry_seconds=1.0,       # wait before the 2nd try; doubles each time (<= 60 s)
       device_prefetch=2,            # global batches prepared ahead by prefetch_to_mesh
       tokenizer=dict(
-          type='clip_bpe' if model.text.vocab_size == 49408 else 'sentencepiece',
+          type=default_tokenizer_type(model),
           vocab_path='',            # clip_bpe merges file; '' = the one open_clip ships
           model_path='',            # sentencepiece .model (python -m clip_jax.data.train_tokenizer)
           context_length=model.text.context_length,
@@ -205,9 +207,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f'config: unknown key(s) {", ".join("config." + k for k in unknown)}; '
                      'check the spelling against clip_jax/config.py')
   validate_model_config(config.model)
-  if len(config.mesh.shape) != len(config.mesh.axes):
-    raise ValueError(f'config.mesh.shape: {tuple(config.mesh.shape)} has {len(config.mesh.shape)} '
-                     f'entries but config.mesh.axes names {len(config.mesh.axes)}')
+  sharding.rules_from_config(config.mesh)     # every key of config.mesh
   if config.batch_size <= 0:
     raise ValueError(f'config.batch_size: expected a positive integer, got {config.batch_size}')
   _validate_training(config)
@@ -231,7 +231,7 @@ def _validate_eval(section: ml_collections.ConfigDict) -> None:
 
 
 def _validate_training(config: ml_collections.ConfigDict) -> None:
-  """config.loss / optim / train / mesh rules (the train step's sections)."""
+  """config.loss / optim / train (the train step's sections)."""
   if config.loss.name not in LOSSES:
     raise ValueError(f'config.loss.name: unknown loss {config.loss.name!r}; expected one of '
                      f'{LOSSES}')
@@ -240,4 +240,3 @@ def _validate_training(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f'config.train.micro_batches: expected a positive integer dividing '
                      f'config.batch_size {config.batch_size}, got {micro}')
   validate_optim_config(config.optim)
-  rules_from_config(config.mesh)

@@ -22,10 +22,11 @@ import numpy as np
 from jax.sharding import Mesh
 
 from clip_jax import storage
+from clip_jax.api import ClipModel
 from clip_jax.evaluate.datasets import image_files, list_images
 from clip_jax.evaluate.features import (TowerEncoder, encode_arrays, extract_features,
                                         fit_batch_size)
-from clip_jax.evaluate.loading import LoadedModel, load_for_evaluation
+from clip_jax.evaluate.loading import load_for_evaluation
 from clip_jax.evaluate.run import read_lines
 from clip_jax.sharding import make_mesh
 
@@ -50,19 +51,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   return parser.parse_args(argv)
 
 
-def embed_images(loaded: LoadedModel, folder: str, mesh: Mesh, batch_size: int,
+def embed_images(loaded: ClipModel, folder: str, mesh: Mesh, batch_size: int,
                  normalize: bool) -> tuple[np.ndarray, list[str], list[str]]:
   """(embeddings, relative paths of the rows, unreadable files)."""
   files = list_images(folder)
   if not files:
     raise ValueError(f'--images: {folder} holds no image files')
-  data = image_files(folder, files, int(loaded.model_config.vision.image_size))
+  data = image_files(folder, files, loaded.image_size)
   out = extract_features(TowerEncoder(loaded.module, 'image'), loaded.variables,
                          data.batches(batch_size, mesh), mesh, normalize=normalize)
   return out['features'], [files[i] for i in out['index']], data.skipped
 
 
-def embed_texts(loaded: LoadedModel, path: str, mesh: Mesh, batch_size: int, normalize: bool
+def embed_texts(loaded: ClipModel, path: str, mesh: Mesh, batch_size: int, normalize: bool
                 ) -> tuple[np.ndarray, list[str]]:
   """(embeddings, the captions of the rows): one caption per non-empty line of `path`."""
   texts = read_lines(path, 'captions')
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> str:
   args = parse_args(argv)
   start = time.time()
   mesh = make_mesh()
-  loaded = load_for_evaluation(mesh, workdir=args.workdir, source=args.source,
+  loaded = load_for_evaluation(mesh, workdir=args.workdir, weights=args.source,
                                tokenizer=args.tokenizer)
   normalize = not args.no_normalize
   batch_size = fit_batch_size(args.batch_size, mesh)

@@ -1,9 +1,9 @@
 """Contrastive losses, exact for the global batch, distributed over the batch mesh axes.
 
-Every loss takes L2-normalised features sharded over the data-parallel axes
-(`data`, `fsdp`; the `model` axis holds replicas) and returns the loss of the WHOLE
-global batch, replicated, plus metrics. Inside `jax.shard_map` each device sees its
-local rows only:
+Every loss takes L2-normalised features sharded over the batch axes of the mesh
+(`MeshLayout.batch_axes`, by default `data` and `fsdp`; the other axes hold replicas)
+and returns the loss of the WHOLE global batch, replicated, plus metrics. Inside
+`jax.shard_map` each device sees its local rows only:
 
   softmax  (CLIP's loss) local rows against all-gathered columns; label of local row i
            is `shard_index * B_local + i`. Memory O(B_local x B_global). The all-gather's
@@ -22,7 +22,6 @@ local rows only:
 
 from __future__ import annotations
 
-import math
 from functools import partial
 from typing import Any, Callable, Mapping
 
@@ -30,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
-from clip_jax.sharding import BATCH_AXES
+from clip_jax.sharding import MeshLayout, as_layout
 
 LOSSES = ('softmax', 'sigmoid', 'ring')
 
@@ -43,10 +42,6 @@ def init_loss_params(loss_config: Any) -> dict[str, jax.Array]:
   if loss_config.name == 'sigmoid':
     return {'bias': jnp.asarray(loss_config.sigmoid_bias_init, jnp.float32)}
   return {}
-
-
-def _batch_axes(mesh: Mesh) -> tuple[str, ...]:
-  return tuple(a for a in BATCH_AXES if a in mesh.axis_names)
 
 
 def _row_labels(axes: tuple[str, ...], local: int) -> jax.Array:
@@ -181,17 +176,18 @@ def _ring_body(x: jax.Array, y: jax.Array, logit_scale: jax.Array, *,
   return loss, {'accuracy': jax.lax.stop_gradient(accuracy)}
 
 
-def make_loss(loss_config: Any, mesh: Mesh) -> LossFn:
+def make_loss(loss_config: Any, mesh: Mesh | MeshLayout) -> LossFn:
   """`loss(image_features, text_features, logit_scale, loss_params) -> (loss, metrics)`.
 
   Features are L2-normalised [B, E] arrays (any sharding: they are constrained to the
-  batch axes); the loss is the exact mean over the global batch, replicated.
+  batch axes of `mesh`, a MeshLayout or a Mesh with the default axis names); the loss
+  is the exact mean over the global batch, replicated.
   """
   name = loss_config.name
   if name not in LOSSES:
     raise ValueError(f'config.loss.name: unknown loss {name!r}; expected one of {LOSSES}')
-  axes = _batch_axes(mesh)
-  size = math.prod(mesh.shape[a] for a in axes)
+  layout = as_layout(mesh)
+  axes, size, mesh = layout.batch_axes, layout.data_parallel_size, layout.mesh
   rows = P(axes, None)
 
   if name == 'sigmoid':

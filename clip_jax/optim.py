@@ -142,12 +142,41 @@ def validate_optim_config(optim_config: Any) -> None:
                      f'{optim_config.warmup_steps}')
 
 
-def make_optimizer(config: Any) -> optax.GradientTransformation:
-  """AdamW (decoupled decay, masked), global-norm clipping, warmup+cosine, per-group LR,
-  then the temperature clamp (`clamp_logit_scale`).
+def trainable_norm(optim_config: Any, grads: Any) -> jax.Array:
+  """Global L2 norm of the gradients of the trainable (not frozen) leaves."""
+  names = flatten_names(grads)
+  return optax.global_norm([g for n, g in names.items()
+                            if not _matches(optim_config.freeze, n)])
+
+
+def clip_by_trainable_norm(optim_config: Any, max_norm: float
+                           ) -> optax.GradientTransformationExtraArgs:
+  """`optax.clip_by_global_norm` by the norm of the trainable leaves (frozen ones do not
+  count). Its state is optax's (empty), so checkpoints keep their layout.
+
+  The train step reports that norm as its `grad_norm` metric and hands it to
+  `tx.update(..., grad_norm=norm)`, so a step computes it once; called without it (e.g.
+  `tx.update(grads, state, params)`) the transform computes it itself.
+  """
+  def update(updates: Any, state: optax.EmptyState, params: Any = None, *,
+             grad_norm: jax.Array | None = None, **extra_args: Any) -> tuple[Any, Any]:
+    del params, extra_args
+    norm = trainable_norm(optim_config, updates) if grad_norm is None else grad_norm
+    keep = jnp.squeeze(norm < max_norm)
+    # As optax.clip_by_global_norm: below the limit the update is passed through untouched.
+    clipped = jax.tree_util.tree_map(
+        lambda t: jax.lax.select(keep, t, (t / norm.astype(t.dtype)) * max_norm), updates)
+    return clipped, state
+  return optax.GradientTransformationExtraArgs(optax.init_empty_state, update)
+
+
+def make_optimizer(config: Any) -> optax.GradientTransformationExtraArgs:
+  """Global-norm clipping (`clip_by_trainable_norm`), AdamW (decoupled decay, masked),
+  warmup+cosine, per-group LR, then the temperature clamp (`clamp_logit_scale`).
 
   Frozen leaves get `set_to_zero` and no Adam state (LiT keeps no moments for the
-  locked tower); the clip norm is over the trainable leaves only.
+  locked tower); the clip norm is over the trainable leaves only. `update` takes the
+  norm as `grad_norm=` when the caller has it (the train step).
   """
   oc = config.optim
   validate_optim_config(oc)
@@ -167,19 +196,12 @@ def make_optimizer(config: Any) -> optax.GradientTransformation:
   transforms['frozen'] = optax.set_to_zero()
   tx = optax.multi_transform(transforms, lambda t: param_groups(oc, t))
   if oc.grad_clip_norm:
-    # Clip on the trainable leaves: frozen gradients are zeroed before the norm.
+    # Frozen gradients are zeroed before the clip, so none can reach a trainable leaf.
     frozen_to_zero = optax.masked(optax.set_to_zero(),
                                   lambda t: jax.tree_util.tree_map(
                                       lambda g: g == 'frozen', param_groups(oc, t)))
-    tx = optax.chain(frozen_to_zero, optax.clip_by_global_norm(oc.grad_clip_norm), tx)
+    tx = optax.chain(frozen_to_zero, clip_by_trainable_norm(oc, float(oc.grad_clip_norm)), tx)
   return optax.chain(tx, clamp_logit_scale(float(config.model.logit_scale_max)))
-
-
-def trainable_norm(optim_config: Any, grads: Any) -> jax.Array:
-  """Global L2 norm of the gradients of the trainable (not frozen) leaves."""
-  names = flatten_names(grads)
-  return optax.global_norm([g for n, g in names.items()
-                            if not _matches(optim_config.freeze, n)])
 
 
 def describe_param_groups(config: Any, tree: Any) -> list[str]:

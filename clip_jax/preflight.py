@@ -22,28 +22,22 @@ from clip_jax import sharding, storage
 def check_mesh(config: ml_collections.ConfigDict, device_count: int | None = None) -> None:
   """config.mesh.shape against the devices there are (one -1 takes the rest)."""
   devices = jax.device_count() if device_count is None else device_count
-  shape = tuple(int(s) for s in config.mesh.shape)
-  known = [s for s in shape if s != -1]
-  fixed = math.prod(known)
-  if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
-    raise ValueError(f'config.mesh.shape: {shape}: expected positive sizes with at most one -1')
-  if (-1 in shape and devices % fixed) or (-1 not in shape and fixed != devices):
-    raise ValueError(f'config.mesh.shape: {shape} over {tuple(config.mesh.axes)} does not fit '
-                     f'the {devices} device(s) of this run; the sizes must multiply to '
-                     f'{devices} (one -1 takes the devices that are left)')
+  sharding.resolve_mesh_shape(config.mesh.shape, devices)
 
 
-def check_batch_sizes(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
+def check_batch_sizes(config: ml_collections.ConfigDict,
+                      mesh: jax.sharding.Mesh | sharding.MeshLayout) -> None:
   """The train and eval global batches split evenly over the batch-carrying devices."""
-  parallel = sharding.data_parallel_size(mesh)
+  layout = sharding.as_layout(mesh, config.mesh)
+  parallel, shape = layout.data_parallel_size, dict(layout.mesh.shape)
   per_step = config.batch_size // config.train.micro_batches
   if per_step % parallel:
     raise ValueError(f'config.batch_size: {config.batch_size} (/ config.train.micro_batches='
                      f'{config.train.micro_batches}) is not a multiple of the {parallel} devices '
-                     f'that carry the batch (mesh {dict(mesh.shape)})')
+                     f'that carry the batch (mesh {shape}, batch axes {layout.batch_axes})')
   if config.eval.batch_size % parallel:
     raise ValueError(f'config.eval.batch_size: {config.eval.batch_size} is not a multiple of '
-                     f'the {parallel} devices that carry the batch (mesh {dict(mesh.shape)}); '
+                     f'the {parallel} devices that carry the batch (mesh {shape}); '
                      f'e.g. {math.ceil(config.eval.batch_size / parallel) * parallel}')
 
 
@@ -82,11 +76,12 @@ def check_train_data(config: ml_collections.ConfigDict) -> None:
   pipeline.check_train_source(config)
 
 
-def check_eval_data(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+def check_eval_data(config: ml_collections.ConfigDict,
+                    mesh: jax.sharding.Mesh | sharding.MeshLayout,
                     tokenizer: Callable[..., np.ndarray] | None) -> None:
   """Every dataset config.eval names: present, and its first examples decodable."""
   from clip_jax.evaluate import datasets, run  # pylint: disable=import-outside-toplevel
-  section = config.eval
+  section, layout = config.eval, sharding.as_layout(mesh, config.mesh)
   wanted = [('zeroshot', spec, section.split) for spec in run.dataset_specs(section.zeroshot)]
   wanted += [('retrieval', spec, section.split) for spec in run.dataset_specs(section.retrieval)]
   for spec in run.dataset_specs(section.linear_probe):
@@ -95,14 +90,14 @@ def check_eval_data(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
     key = f'config.eval.{task}'
     try:
       datasets.check_readable(spec, split=split, image_size=config.model.vision.image_size,
-                              data_dir=section.data_dir or None, mesh=mesh,
+                              data_dir=section.data_dir or None, mesh=layout,
                               batch_size=section.batch_size, tokenizer=tokenizer)
     except (ValueError, OSError) as error:
       raise ValueError(f'{key}: dataset {spec!r} (split {split!r}): {error}') from error
 
 
 def run_checks(config: ml_collections.ConfigDict, workdir: storage.PathLike,
-               mesh: jax.sharding.Mesh, tokenizer: Any,
+               mesh: jax.sharding.Mesh | sharding.MeshLayout, tokenizer: Any,
                check_tokenizer: Callable[[Any, Any], None]) -> list[str]:
   """All checks, in order; returns notes worth printing (nothing wrong, but surprising)."""
   check_batch_sizes(config, mesh)

@@ -1,8 +1,12 @@
 """Device mesh, the shardings of batches, and the placement rules of parameters.
 
-The mesh has three axes: `data` (pure data parallel), `fsdp` (data parallel with
-parameters and optimizer state sharded), `model` (tensor parallel). A batch is split
-over `data` and `fsdp` together: both are data-parallel axes.
+A `MeshLayout`, built once from `config.mesh` (`layout_from_config`), is the one
+description of the mesh: the jax Mesh, the axes that carry the batch, and the placement
+rules (with the FSDP axis and the tensor-parallel axes their logical rules name). The
+batch shardings, the losses, the train step and evaluation all read it. By default the
+mesh has three axes: `data` (pure data parallel), `fsdp` (data parallel with parameters
+and optimizer state sharded), `model` (tensor parallel); a batch is split over `data`
+and `fsdp` together. Every name can be changed in `config.mesh`.
 """
 
 from __future__ import annotations
@@ -18,26 +22,30 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from clip_jax.models.params import flatten_names
 
+# The defaults of config.mesh (clip_jax/config.py reads them from here).
+MESH_SHAPE = (-1, 1, 1)            # every device on the first axis: data parallel
 MESH_AXES = ('data', 'fsdp', 'model')
 BATCH_AXES = ('data', 'fsdp')
+FSDP_AXIS = 'fsdp'
+DEFAULT_LOGICAL_RULES = (('heads', 'model'), ('mlp', 'model'))
+FSDP_MIN_SIZE = 2 ** 12
 
 
 def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
   """Replaces the one -1 entry by what is left of `num_devices`; checks the product."""
   shape = tuple(int(s) for s in shape)
-  if sum(s == -1 for s in shape) > 1:
-    raise ValueError(f'config.mesh.shape: at most one -1 allowed, got {shape}')
+  if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
+    raise ValueError(f'config.mesh.shape: {shape}: expected positive sizes with at most one -1')
   known = int(np.prod([s for s in shape if s != -1]))
-  if known <= 0 or num_devices % known:
-    raise ValueError(f'config.mesh.shape: {shape} does not divide the {num_devices} devices')
-  shape = tuple(num_devices // known if s == -1 else s for s in shape)
-  if int(np.prod(shape)) != num_devices:
-    raise ValueError(f'config.mesh.shape: {shape} uses {int(np.prod(shape))} devices but '
-                     f'{num_devices} are present; use -1 for "the rest"')
-  return shape
+  resolved = tuple(num_devices // known if s == -1 else s for s in shape)
+  if num_devices % known or int(np.prod(resolved)) != num_devices:
+    raise ValueError(f'config.mesh.shape: {shape} does not fit the {num_devices} device(s) of '
+                     f'this run; the sizes must multiply to {num_devices} (one -1 takes the '
+                     'devices that are left)')
+  return resolved
 
 
-def make_mesh(shape: Sequence[int] = (-1, 1, 1), axes: Sequence[str] = MESH_AXES,
+def make_mesh(shape: Sequence[int] = MESH_SHAPE, axes: Sequence[str] = MESH_AXES,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A mesh over all devices of all hosts (or `devices`), laid out for fast collectives.
 
@@ -51,31 +59,16 @@ def make_mesh(shape: Sequence[int] = (-1, 1, 1), axes: Sequence[str] = MESH_AXES
                        axis_types=(jax.sharding.AxisType.Auto,) * len(shape))
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
-  """Leading (batch) axis split over the data-parallel axes, the rest replicated."""
-  axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
-  return NamedSharding(mesh, P(axes, *([None] * (ndim - 1))))
-
-
-def replicated(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, P())
-
-
-def data_parallel_size(mesh: Mesh) -> int:
-  return int(np.prod([mesh.shape[a] for a in BATCH_AXES if a in mesh.axis_names]))
-
-
 # ---------------------------------------------------------------------------------------
 # Parameter placement: logical axis names (on every parameter, see models/layers.py) and
 # ordered rules -> a PartitionSpec per array. The same function places parameters,
-# optimizer state and BatchNorm statistics; the mesh shape picks the strategy:
+# optimizer state and BatchNorm statistics; the mesh shape picks the strategy (default
+# axis names):
 #   (n, 1, 1)  data parallel: everything replicated;
 #   (d, f, 1)  FSDP: the largest suitable dimension of each big array split over `fsdp`;
 #   (d, f, m)  + tensor parallel: the logical axes named by `logical_rules` split over `model`.
 # Mesh axes of size 1 are left out of the specs, so a spec says what is really split.
 # ---------------------------------------------------------------------------------------
-
-DEFAULT_LOGICAL_RULES = (('heads', 'model'), ('mlp', 'model'))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,18 +81,43 @@ class ShardingRules:
     axes per dimension. Names no pattern matches fall through to the logical rules.
   logical_rules: ordered (logical axis, mesh axis) pairs; each dimension takes the first
     rule for its logical name whose mesh axis is unused in that array and divides it.
+    The mesh axes they name are the tensor-parallel ones.
   fsdp_axis / fsdp_min_size: arrays with at least `fsdp_min_size` elements get their
     largest remaining divisible dimension (never a scanned `layers` axis) split over
-    `fsdp_axis`.
+    `fsdp_axis` ('' = no FSDP).
   """
   param_rules: tuple[tuple[str, str], ...] = ()
   logical_rules: tuple[tuple[str, str], ...] = DEFAULT_LOGICAL_RULES
-  fsdp_axis: str = 'fsdp'
-  fsdp_min_size: int = 2 ** 12
+  fsdp_axis: str = FSDP_AXIS
+  fsdp_min_size: int = FSDP_MIN_SIZE
+
+
+def _check_axis_roles(axes: tuple[str, ...], batch_axes: tuple[str, ...],
+                      rules: ShardingRules) -> None:
+  """Every axis a role names (batch, FSDP, logical rules) is one of `axes`, the mesh's.
+
+  A name that is not would silently replicate what it should split.
+  """
+  if len(set(axes)) != len(axes):
+    raise ValueError(f'config.mesh.axes: {axes} names an axis twice')
+  if not batch_axes or len(set(batch_axes)) != len(batch_axes):
+    raise ValueError(f'config.mesh.batch_axes: {batch_axes}: expected one or more distinct '
+                     f'axes of config.mesh.axes {axes}')
+  unknown = [a for a in batch_axes if a not in axes]
+  if unknown:
+    raise ValueError(f'config.mesh.batch_axes: {unknown} not in config.mesh.axes {axes}')
+  if rules.fsdp_axis and rules.fsdp_axis not in axes:
+    raise ValueError(f'config.mesh.fsdp_axis: {rules.fsdp_axis!r} not in config.mesh.axes '
+                     f'{axes} ("" = no FSDP)')
+  for logical, mesh_axis in rules.logical_rules:
+    if mesh_axis not in axes:
+      raise ValueError(f'config.mesh.logical_rules: ({logical!r}, {mesh_axis!r}) names a mesh '
+                       f'axis not in config.mesh.axes {axes}')
 
 
 def rules_from_config(mesh_config: Any) -> ShardingRules:
-  """`config.mesh` -> ShardingRules, checking the shapes of the rule lists."""
+  """`config.mesh` -> ShardingRules, checking every key of the section: shape against
+  axes, the rule lists, and that each axis a role names is a mesh axis."""
   def pairs(key: str, default: tuple[tuple[str, str], ...] = ()) -> tuple[tuple[str, str], ...]:
     value = mesh_config.get(key, default)
     out = []
@@ -108,15 +126,99 @@ def rules_from_config(mesh_config: Any) -> ShardingRules:
         raise ValueError(f'config.mesh.{key}: expected (pattern, axes) pairs, got {item!r}')
       out.append((str(item[0]), '' if item[1] is None else str(item[1])))
     return tuple(out)
+  shape, axes = tuple(mesh_config.get('shape', MESH_SHAPE)), _axes(mesh_config, 'axes')
+  if len(shape) != len(axes):
+    raise ValueError(f'config.mesh.shape: {shape} has {len(shape)} entries but '
+                     f'config.mesh.axes names {len(axes)}')
   for pattern, _ in pairs('param_rules'):
     try:
       re.compile(pattern)
     except re.error as e:
       raise ValueError(f'config.mesh.param_rules: bad regex {pattern!r}: {e}') from None
-  return ShardingRules(param_rules=pairs('param_rules'),
-                       logical_rules=pairs('logical_rules', DEFAULT_LOGICAL_RULES),
-                       fsdp_axis=mesh_config.get('fsdp_axis', 'fsdp'),
-                       fsdp_min_size=int(mesh_config.get('fsdp_min_size', 2 ** 12)))
+  rules = ShardingRules(param_rules=pairs('param_rules'),
+                        logical_rules=pairs('logical_rules', DEFAULT_LOGICAL_RULES),
+                        fsdp_axis=str(mesh_config.get('fsdp_axis', FSDP_AXIS)),
+                        fsdp_min_size=int(mesh_config.get('fsdp_min_size', FSDP_MIN_SIZE)))
+  _check_axis_roles(axes, _axes(mesh_config, 'batch_axes'), rules)
+  return rules
+
+
+def _axes(mesh_config: Any, key: str) -> tuple[str, ...]:
+  """config.mesh.axes or .batch_axes, as a tuple of names."""
+  return tuple(str(a) for a in mesh_config.get(key, {'axes': MESH_AXES,
+                                                     'batch_axes': BATCH_AXES}[key]))
+
+
+# ---------------------------------------------------------------------------------------
+# The mesh description: built once, handed to everything that splits arrays over it.
+# ---------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshLayout:
+  """The jax Mesh and the role of each of its axes (`config.mesh`, `layout_from_config`).
+
+  batch_axes: the data-parallel axes, in order: every batch's leading dimension is split
+    over them together, and the losses gather features over them.
+  rules: parameter placement; its `fsdp_axis` shards parameters and optimizer state, its
+    logical rules name the tensor-parallel axes.
+  The default (`MeshLayout(mesh)`) is the default `config.mesh`'s description.
+  """
+  mesh: Mesh
+  batch_axes: tuple[str, ...] = BATCH_AXES
+  rules: ShardingRules = dataclasses.field(default_factory=ShardingRules)
+
+  def __post_init__(self):
+    object.__setattr__(self, 'batch_axes', tuple(self.batch_axes))   # hashable, as a key
+    _check_axis_roles(tuple(self.mesh.axis_names), self.batch_axes, self.rules)
+
+  @property
+  def data_parallel_size(self) -> int:
+    """Devices over which a batch is split (the product of the batch axes' sizes)."""
+    return int(np.prod([self.mesh.shape[a] for a in self.batch_axes]))
+
+
+def layout_from_config(mesh_config: Any, devices: Sequence[jax.Device] | None = None,
+                       mesh: Mesh | None = None) -> MeshLayout:
+  """`config.mesh` -> its MeshLayout, over a new mesh of `shape` over all devices of all
+  processes (or `devices`), or over `mesh`, whose axes must be `config.mesh.axes`."""
+  rules = rules_from_config(mesh_config)
+  axes = _axes(mesh_config, 'axes')
+  if mesh is None:
+    mesh = make_mesh(tuple(mesh_config.get('shape', MESH_SHAPE)), axes, devices)
+  elif tuple(mesh.axis_names) != axes:
+    raise ValueError(f'config.mesh.axes: {axes}, but the mesh given has the axes '
+                     f'{tuple(mesh.axis_names)}')
+  return MeshLayout(mesh, _axes(mesh_config, 'batch_axes'), rules)
+
+
+def as_layout(mesh: Mesh | MeshLayout, mesh_config: Any = None) -> MeshLayout:
+  """A MeshLayout as it is; a bare Mesh described by `mesh_config` (`config.mesh`), or
+  without one by the defaults, which must then name its axes."""
+  if isinstance(mesh, MeshLayout):
+    return mesh
+  if mesh_config is not None:
+    return layout_from_config(mesh_config, mesh=mesh)
+  try:
+    return MeshLayout(mesh)
+  except ValueError as error:
+    raise ValueError(f'{error}. A bare Mesh is read with the default axis roles; describe '
+                     'this one with clip_jax.sharding.layout_from_config(config.mesh)') from None
+
+
+def batch_sharding(mesh: Mesh | MeshLayout, ndim: int = 1) -> NamedSharding:
+  """Leading (batch) axis split over the batch axes, the rest replicated."""
+  layout = as_layout(mesh)
+  return NamedSharding(layout.mesh, P(layout.batch_axes, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh | MeshLayout) -> NamedSharding:
+  """A whole copy on every device (whatever the axes' roles)."""
+  return NamedSharding(mesh.mesh if isinstance(mesh, MeshLayout) else mesh, P())
+
+
+def data_parallel_size(mesh: Mesh | MeshLayout) -> int:
+  return as_layout(mesh).data_parallel_size
 
 
 def _parse_spec(text: str, name: str, ndim: int) -> list[Any]:
@@ -216,11 +318,6 @@ def tree_partition_specs(shapes: Any, logical: Any, mesh: Mesh, rules: ShardingR
 def to_named_shardings(specs: Any, mesh: Mesh) -> Any:
   return jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), specs,
                                 is_leaf=lambda x: isinstance(x, P))
-
-
-def mesh_from_config(mesh_config: Any, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """`config.mesh` (shape with one -1, axes) -> Mesh over all devices of all processes."""
-  return make_mesh(tuple(mesh_config.shape), tuple(mesh_config.axes), devices)
 
 
 def describe_shardings(shapes: Any, specs: Any) -> list[str]:

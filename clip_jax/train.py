@@ -16,8 +16,9 @@
    `config.log.every_steps` a console line, `metrics.jsonl` and TensorBoard;
    every `config.eval.every_steps` an evaluation; checkpoints every
    `config.checkpoint.every_steps`, at the end, and on SIGTERM (then it returns).
-   A NaN/Inf loss stops the run, naming the step; the last checkpoint stays the
-   last good one (a step's loss is checked before its state is saved).
+   A NaN/Inf loss or gradient norm stops the run, naming the step and the metric; the
+   last checkpoint stays the last good one (the metrics of the update a checkpoint
+   holds are checked before it is saved).
 4. Evaluate: `config.eval` through clip_jax.evaluate; the last printed line is the
    zero-shot top-1 (next to chance for the built-in held-out scenes).
 """
@@ -37,13 +38,14 @@ import jax.numpy as jnp
 import ml_collections
 from absl import logging
 
-from clip_jax import checkpoint, preflight, sharding, storage
+from clip_jax import checkpoint, flops, preflight, sharding, storage
 from clip_jax import config as config_lib
 from clip_jax.data import delivery, tokenizers
 from clip_jax.metrics_writer import (DATA_SKIPPED, EVAL_PREFIX, IMAGES_PER_SECOND, METRICS_FILE,
                                      MFU, TENSORBOARD_DIR, MetricsWriter, console_line,
                                      format_duration)
 from clip_jax.models.clip import build_model
+from clip_jax.optim import make_optimizer
 from clip_jax.train_step import (TrainState, create_train_state, describe_train_state,
                                  make_train_step, train_state_shardings)
 
@@ -202,18 +204,18 @@ def check_tokenizer(config: ml_collections.ConfigDict, tokenizer: Any) -> None:
                      f'ends texts with id {tokenizer.eot_token_id}')
 
 
-def dry_run_plan(config: ml_collections.ConfigDict, model: Any, mesh: jax.sharding.Mesh,
+def dry_run_plan(config: ml_collections.ConfigDict, model: Any, layout: sharding.MeshLayout,
                  workdir: storage.PathLike, say: Callable[[str], None]) -> TrainResult:
   """What the run would do, from abstract shapes (nothing is allocated or trained)."""
-  abstract, shardings = train_state_shardings(config, model, mesh)
+  abstract, shardings = train_state_shardings(config, model, layout)
   count = sum(int(math.prod(a.shape)) for a in jax.tree.leaves(abstract.params))
   per_device = sum(
       int(math.prod(s.shard_shape(a.shape))) * a.dtype.itemsize
       for a, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings)))
   latest = checkpoint.latest_step(workdir)
-  say(f'dry run: {config.model.name}, {count:,} parameters; mesh {dict(mesh.shape)} over '
-      f'{jax.device_count()} {jax.devices()[0].platform} device(s); global batch '
-      f'{config.batch_size} ({config.batch_size // sharding.data_parallel_size(mesh)} per '
+  say(f'dry run: {config.model.name}, {count:,} parameters; mesh {dict(layout.mesh.shape)} '
+      f'over {jax.device_count()} {jax.devices()[0].platform} device(s); global batch '
+      f'{config.batch_size} ({config.batch_size // layout.data_parallel_size} per '
       f'batch-carrying device), {config.total_steps} steps, loss {config.loss.name}, '
       f'{config.model.dtype} compute; train state {per_device / 2**30:.2f} GiB per device; '
       + (f'would resume from step {latest}' if latest is not None else 'would start at step 0')
@@ -245,10 +247,11 @@ def _abstract(tree: Any, shardings: Any) -> Any:
 
 
 def restore_train_state(ckpt: checkpoint.TrainCheckpointer, step: int, config: Any,
-                        model: Any, mesh: jax.sharding.Mesh
-                        ) -> tuple[TrainState, TrainState, dict[str, Any]]:
-  """(state, shardings, meta) of checkpoint `step`, laid out for `mesh`."""
-  abstract, shardings = train_state_shardings(config, model, mesh)
+                        model: Any, mesh: jax.sharding.Mesh | sharding.MeshLayout,
+                        tx: Any = None) -> tuple[TrainState, TrainState, dict[str, Any]]:
+  """(state, shardings, meta) of checkpoint `step`, laid out for `mesh` (`tx`: the
+  run's optimizer, when built already)."""
+  abstract, shardings = train_state_shardings(config, model, mesh, tx)
   target = _abstract(abstract, shardings)
   variables, opt_item, meta = ckpt.restore(step, model_variables(target), optimizer_item(target))
   state = TrainState(
@@ -288,23 +291,39 @@ class StopSignal:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def check_finite(step: int, loss: float, ckpt: checkpoint.TrainCheckpointer) -> None:
-  if not math.isfinite(loss):
-    ckpt.wait()
-    last = ckpt.latest_step()
-    kept = (f'the last good checkpoint is step {last} in {ckpt.directory}' if last is not None
-            else 'no checkpoint was written')
-    raise FloatingPointError(
-        f'loss is {loss} at step {step}: training stopped; {kept}. Lower '
-        'config.optim.learning_rate, raise config.optim.warmup_steps or check the data')
+# A non-finite loss or gradient norm of step N means update N (the parameters a
+# checkpoint of step N would hold) is not to be trusted.
+FINITE_METRICS = ('loss', 'grad_norm')
+
+
+def check_finite(step: int, values: dict[str, float], ckpt: checkpoint.TrainCheckpointer
+                 ) -> None:
+  """Raises FloatingPointError naming the step and the metric if one of FINITE_METRICS
+  is NaN/Inf, after the saves in flight are finished (so the last good one is named)."""
+  for name in FINITE_METRICS:
+    if not math.isfinite(values[name]):
+      ckpt.wait()
+      last = ckpt.latest_step()
+      kept = (f'the last good checkpoint is step {last} in {ckpt.directory}'
+              if last is not None else 'no checkpoint was written')
+      raise FloatingPointError(
+          f'{name} is {values[name]} at step {step}: training stopped; {kept}. Lower '
+          'config.optim.learning_rate, raise config.optim.warmup_steps or check the data')
+
+
+def host_metrics(step: int, metrics: dict[str, jax.Array], ckpt: checkpoint.TrainCheckpointer
+                 ) -> dict[str, float]:
+  """Step `step`'s metrics on the host (one transfer), checked by `check_finite`."""
+  values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+  check_finite(step, values, ckpt)
+  return values
 
 
 def step_flops_and_peak(config: Any) -> tuple[float, float | None]:
   """Model FLOPs of one step and the peak FLOP/s of all devices (None when unknown)."""
-  from clip_jax import benchmark  # pylint: disable=import-outside-toplevel
-  flops = float(benchmark.model_flops(config.model, config.batch_size)['total'])
-  peak = benchmark.peak_flops(jax.devices()[0], config.model.dtype)
-  return flops, (peak * jax.device_count() if peak else None)
+  per_step = float(flops.model_flops(config.model, config.batch_size)['total'])
+  peak = flops.peak_flops(jax.devices()[0], config.model.dtype)
+  return per_step, (peak * jax.device_count() if peak else None)
 
 
 class Profiler:
@@ -335,8 +354,8 @@ class Profiler:
       self.say(f'profile of steps {self.first}-{self.last} written to {self.logdir}')
 
 
-def evaluate(config: Any, model: Any, state: TrainState, mesh: Any, tokenizer: Any,
-             workdir: storage.PathLike, step: int) -> dict[str, float]:
+def evaluate_train_state(config: Any, model: Any, state: TrainState, mesh: Any, tokenizer: Any,
+                         workdir: storage.PathLike, step: int) -> dict[str, float]:
   if not (config.eval.zeroshot or config.eval.retrieval or config.eval.linear_probe):
     return {}
   from clip_jax.evaluate.run import run_evaluations  # pylint: disable=import-outside-toplevel
@@ -388,20 +407,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: storage.PathL
   notes += preflight.check_intervals(config)
   checkpoint.check_compatible(workdir, config)
   preflight.check_workdir_writable(workdir)
-  mesh = sharding.mesh_from_config(config.mesh)
-  preflight.check_batch_sizes(config, mesh)
+  layout = sharding.layout_from_config(config.mesh)   # the mesh and its axes' roles
+  preflight.check_batch_sizes(config, layout)
   preflight.check_train_data(config)
   notes.append(train_caption_tokenizer(config, workdir))
   tokenizer = tokenizers.get_tokenizer(config.data.tokenizer)
   check_tokenizer(config, tokenizer)
-  preflight.check_eval_data(config, mesh, tokenizer)
+  preflight.check_eval_data(config, layout, tokenizer)
   model = build_model(config.model)
   for note in filter(None, notes):
     say(note)
   if dry_run:
-    return dry_run_plan(config, model, mesh, workdir, say)
+    return dry_run_plan(config, model, layout, workdir, say)
   config_path = checkpoint.write_config(workdir, config)
-  say(f'{config.model.name}: mesh {dict(mesh.shape)} over {jax.device_count()} '
+  say(f'{config.model.name}: mesh {dict(layout.mesh.shape)} over {jax.device_count()} '
       f'{jax.devices()[0].platform} device(s), global batch {config.batch_size}, '
       f'{config.total_steps} steps; config written to {config_path}')
 
@@ -411,11 +430,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: storage.PathL
       keep_every=config.checkpoint.keep_every, async_save=config.checkpoint.async_save)
   latest = ckpt.latest_step()
   data_state = None
+  tx = make_optimizer(config)     # once: the state's init and the step share it
   if latest is None:
-    state, shardings = create_train_state(config, model, mesh, jax.random.key(config.seed))
+    state, shardings = create_train_state(config, model, layout, jax.random.key(config.seed),
+                                          tx)
     start_step = 0
   else:
-    state, shardings, meta = restore_train_state(ckpt, latest, config, model, mesh)
+    state, shardings, meta = restore_train_state(ckpt, latest, config, model, layout, tx)
     data_state, start_step = meta.get('data'), latest
     say(f'resumed from step {latest} ({ckpt.directory / str(latest)})')
   # The decay / LR multiplier / freezing table at INFO; the placement of every array,
@@ -427,23 +448,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: storage.PathL
 
   from clip_jax.data.pipeline import make_train_iterator  # pylint: disable=import-outside-toplevel
   batches = delivery.prefetch_to_mesh(
-      make_train_iterator(config, tokenizer, state=data_state), mesh,
+      make_train_iterator(config, tokenizer, state=data_state), layout,
       size=max(1, int(config.data.device_prefetch)))
-  train_step = make_train_step(config, model, mesh, shardings)
+  train_step = make_train_step(config, model, layout, shardings, tx)
   writer = MetricsWriter(workdir, config.log, config.total_steps, active=is_main)
   stop = StopSignal(ckpt)
   profiler = Profiler(tuple(config.log.profile_steps), workdir, say)
   flops_per_step, peak = step_flops_and_peak(config)
 
-  def save(step: int, state: TrainState, loss: float) -> None:
+  def save(step: int, state: TrainState, loss: float, force: bool) -> None:
+    # `force`: the last step and a preemption are saved whatever the interval says;
+    # orbax's policy (ckpt.should_save) decides the regular saves.
     # The data position after the last batch taken: exactly where a resumed run goes on.
     # Every host reads its own files, so every host's position is saved (a collective).
     meta = {'data': delivery.all_host_states(batches.state_dict()), 'loss': loss,
             'num_skipped': batches.num_skipped}
-    ckpt.save(step, model_variables(state), optimizer_item(state), meta, force=True)
+    ckpt.save(step, model_variables(state), optimizer_item(state), meta, force=force)
 
-  # 3. The loop. A step's metrics are read one step later, so reading them never
-  # stalls the device queue; at log and save steps they are read at once.
+  # 3. The loop. Each step's metrics come to the host once (host_metrics, which checks
+  # them): one step later, so reading them never stalls the device queue, or at once at
+  # log and save steps, so a checkpoint of step N is written after step N's check.
   step, pending, preempted = start_step, None, False
   interval_start, interval_steps, loop_start = time.time(), 0, time.time()
   try:
@@ -454,7 +478,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: storage.PathL
       step += 1
       profiler.after(step, state)
       if pending is not None:
-        check_finite(pending[0], float(pending[1]['loss']), ckpt)
+        host_metrics(*pending, ckpt)
       pending = (step, metrics)
       if step == start_step + 1:
         jax.block_until_ready(metrics)
@@ -466,9 +490,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: storage.PathL
 
       preempted = stop.requested(step)
       is_last = step == config.total_steps
-      if step % config.log.every_steps == 0 or is_last or preempted:
-        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        check_finite(step, values['loss'], ckpt)
+      is_log = step % config.log.every_steps == 0 or is_last or preempted
+      is_save = ckpt.should_save(step) or is_last or preempted
+      if is_log or is_save:
+        values, pending = host_metrics(step, metrics, ckpt), None
+      if is_log:
         elapsed = time.time() - interval_start
         rate = interval_steps / elapsed if interval_steps and elapsed > 0 else 0.0
         if rate:
@@ -480,14 +506,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: storage.PathL
                                                 time.time() - run_start, rate))
         interval_start, interval_steps = time.time(), 0
       if config.eval.every_steps and step % config.eval.every_steps == 0 and not is_last:
-        results = evaluate(config, model, state, mesh, tokenizer, workdir, step)
+        results = evaluate_train_state(config, model, state, layout, tokenizer, workdir, step)
         if results:
           writer.write(step, {f'{EVAL_PREFIX}{k}': v for k, v in results.items()})
         interval_start, interval_steps = time.time(), 0
-      if ckpt.should_save(step) or is_last or preempted:
-        loss = float(jax.device_get(metrics['loss']))
-        check_finite(step, loss, ckpt)
-        save(step, state, loss)
+      if is_save:
+        save(step, state, values['loss'], force=is_last or preempted)
       if preempted:
         ckpt.wait()
         writer.print(f'stop requested (SIGTERM) at step {step}: checkpoint saved to '
@@ -510,7 +534,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: storage.PathL
 
   # 4. Evaluate.
   try:
-    results = evaluate(config, model, state, mesh, tokenizer, workdir, step)
+    results = evaluate_train_state(config, model, state, layout, tokenizer, workdir, step)
     if results:
       writer.write(step, {f'{EVAL_PREFIX}{k}': v for k, v in results.items()})
   finally:

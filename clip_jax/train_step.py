@@ -1,9 +1,11 @@
-"""The sharded training step: one `jax.jit` over a (data, fsdp, model) mesh.
+"""The sharded training step: one `jax.jit` over the mesh (by default (data, fsdp, model)).
 
 `create_train_state` builds parameters and optimizer state directly sharded
 (`jax.jit(init, out_shardings=...)`, never whole on one device); `make_train_step`
 returns `step(state, batch) -> (state, metrics)` with the state donated. The same code
-runs on one CPU, eight GPUs or a pod slice: only the mesh differs.
+runs on one CPU, eight GPUs or a pod slice: only the mesh differs. Every function takes
+the mesh as a `sharding.MeshLayout` (or a bare Mesh, then described by `config.mesh`)
+and an optional optimizer `tx`: a caller that builds both once passes them everywhere.
 
 Gradient accumulation (`config.train.micro_batches > 1`) is GradCache (Gao et al.
 2021): a contrastive loss does not decompose over micro-batches, so the step embeds
@@ -25,8 +27,9 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from clip_jax import losses, optim, sharding
-from clip_jax.models.clip import dummy_inputs, init_variables
+from clip_jax.models.clip import dummy_inputs
 from clip_jax.models.params import flatten_names
+from clip_jax.sharding import MeshLayout
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -48,34 +51,37 @@ class TrainState:
     return {'params': self.params, 'loss_params': self.loss_params}
 
 
-def _init_fn(config: Any, model: nn.Module, tx: optax.GradientTransformation
-             ) -> Callable[[jax.Array], TrainState]:
-  def init(rng: jax.Array) -> TrainState:
-    variables = init_variables(model, config.model, rng)
+def _init_fn(config: Any, model: nn.Module, tx: optax.GradientTransformationExtraArgs
+             ) -> Callable[[jax.Array], tuple[TrainState, Any]]:
+  """rng -> (state, the model's variables still in their boxes): the boxes carry the
+  logical axis names that place the state, so one trace gives shapes and names."""
+  def init(rng: jax.Array) -> tuple[TrainState, Any]:
+    boxed = model.init(rng, *dummy_inputs(config.model))
+    variables = nn.meta.unbox(boxed)
     params = variables['params']
     loss_params = losses.init_loss_params(config.loss)
     opt_state = tx.init({'params': params, 'loss_params': loss_params})
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, loss_params=loss_params,
-                      opt_state=opt_state, batch_stats=variables.get('batch_stats', {}))
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, loss_params=loss_params,
+                       opt_state=opt_state, batch_stats=variables.get('batch_stats', {}))
+    return state, boxed
   return init
 
 
-def train_state_shardings(config: Any, model: nn.Module, mesh: Mesh,
-                          tx: optax.GradientTransformation | None = None
+def train_state_shardings(config: Any, model: nn.Module, mesh: Mesh | MeshLayout,
+                          tx: optax.GradientTransformationExtraArgs | None = None
                           ) -> tuple[TrainState, TrainState]:
   """(abstract state of ShapeDtypeStructs, state of NamedShardings), allocating nothing.
 
-  Parameters are placed by `config.mesh` rules from their logical axis names; Adam's
+  Parameters are placed by the layout's rules from their logical axis names; Adam's
   moments follow their parameter; BatchNorm statistics, loss parameters and counters
   are replicated. A checkpoint restore can use both trees directly.
   """
+  layout = sharding.as_layout(mesh, config.mesh)
   tx = optim.make_optimizer(config) if tx is None else tx
-  rng = jax.random.key(0)
-  abstract = jax.eval_shape(_init_fn(config, model, tx), rng)
-  boxed = jax.eval_shape(lambda r: model.init(r, *dummy_inputs(config.model)), rng)
+  abstract, boxed = jax.eval_shape(_init_fn(config, model, tx), jax.random.key(0))
   logical = sharding.logical_axes_of(boxed)
-  rules = sharding.rules_from_config(config.mesh)
-  param_specs = sharding.tree_partition_specs(abstract.params, logical['params'], mesh, rules)
+  param_specs = sharding.tree_partition_specs(abstract.params, logical['params'], layout.mesh,
+                                              layout.rules)
   replicate = lambda tree: jax.tree_util.tree_map(lambda _: P(), tree)
   trainable_specs = {'params': param_specs, 'loss_params': replicate(abstract.loss_params)}
   named_specs = flatten_names(trainable_specs)
@@ -85,15 +91,17 @@ def train_state_shardings(config: Any, model: nn.Module, mesh: Mesh,
       step=P(), params=param_specs, loss_params=trainable_specs['loss_params'],
       opt_state=sharding.specs_by_name_suffix(abstract.opt_state, named_specs, named_shapes),
       batch_stats=replicate(abstract.batch_stats))
-  return abstract, sharding.to_named_shardings(specs, mesh)
+  return abstract, sharding.to_named_shardings(specs, layout.mesh)
 
 
-def create_train_state(config: Any, model: nn.Module, mesh: Mesh, rng: jax.Array
+def create_train_state(config: Any, model: nn.Module, mesh: Mesh | MeshLayout, rng: jax.Array,
+                       tx: optax.GradientTransformationExtraArgs | None = None
                        ) -> tuple[TrainState, TrainState]:
   """(state, state_shardings): every array created on its devices by one jitted init."""
-  tx = optim.make_optimizer(config)
+  tx = optim.make_optimizer(config) if tx is None else tx
   _, shardings = train_state_shardings(config, model, mesh, tx)
-  state = jax.jit(_init_fn(config, model, tx), out_shardings=shardings)(rng)
+  init = _init_fn(config, model, tx)
+  state = jax.jit(lambda r: init(r)[0], out_shardings=shardings)(rng)
   return state, shardings
 
 
@@ -141,7 +149,7 @@ def _embed_fn(model: nn.Module, optim_config: Any
   return embed
 
 
-def make_grad_fn(config: Any, model: nn.Module, mesh: Mesh
+def make_grad_fn(config: Any, model: nn.Module, mesh: Mesh | MeshLayout
                  ) -> Callable[[dict[str, Any], Any, Batch],
                                tuple[jax.Array, Metrics, Any, dict[str, Any]]]:
   """`grads(trainable, batch_stats, batch) -> (loss, metrics, batch_stats, grads)`.
@@ -149,12 +157,12 @@ def make_grad_fn(config: Any, model: nn.Module, mesh: Mesh
   `trainable` is `TrainState.trainable`. With `config.train.micro_batches = M > 1`
   the gradient is GradCache's, equal to the full batch's. Not jitted: call it inside jit.
   """
-  loss_fn = losses.make_loss(config.loss, mesh)
+  layout = sharding.as_layout(mesh, config.mesh)
+  loss_fn = losses.make_loss(config.loss, layout)
   embed = _embed_fn(model, config.optim)
   micro = int(config.train.micro_batches)
-  batch_axes = tuple(a for a in sharding.BATCH_AXES if a in mesh.axis_names)
-  rows = lambda ndim: NamedSharding(mesh, P(batch_axes, *([None] * (ndim - 1))))
-  constrain = lambda x: jax.lax.with_sharding_constraint(x, rows(x.ndim))
+  constrain = lambda x: jax.lax.with_sharding_constraint(
+      x, sharding.batch_sharding(layout, x.ndim))
 
   def loss_of_features(image, text, trainable):
     return loss_fn(constrain(image), constrain(text), trainable['params']['logit_scale'],
@@ -172,7 +180,7 @@ def make_grad_fn(config: Any, model: nn.Module, mesh: Mesh
     # Row k*M + m goes to micro-batch m: each device keeps its own rows, no transfer.
     x = x.reshape(x.shape[0] // micro, micro, *x.shape[1:]).swapaxes(0, 1)
     return jax.lax.with_sharding_constraint(
-        x, NamedSharding(mesh, P(None, batch_axes, *([None] * (x.ndim - 2)))))
+        x, NamedSharding(layout.mesh, P(None, layout.batch_axes, *([None] * (x.ndim - 2)))))
 
   def merge(x):
     return constrain(x.swapaxes(0, 1).reshape(-1, *x.shape[2:]))
@@ -206,7 +214,7 @@ def make_grad_fn(config: Any, model: nn.Module, mesh: Mesh
   def grad_fn(trainable, batch_stats, batch):
     images, texts = constrain(batch['image']), constrain(batch['text'])
     global_batch = images.shape[0]
-    data_parallel = sharding.data_parallel_size(mesh)
+    data_parallel = layout.data_parallel_size
     if global_batch % (micro * data_parallel):
       raise ValueError(
           f'config.train.micro_batches: the global batch {global_batch} must split into '
@@ -217,7 +225,9 @@ def make_grad_fn(config: Any, model: nn.Module, mesh: Mesh
   return grad_fn
 
 
-def make_train_step(config: Any, model: nn.Module, mesh: Mesh, state_shardings: TrainState
+def make_train_step(config: Any, model: nn.Module, mesh: Mesh | MeshLayout,
+                    state_shardings: TrainState,
+                    tx: optax.GradientTransformationExtraArgs | None = None
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
   """The jitted step `(state, batch) -> (state, metrics)`; the input state is donated.
 
@@ -226,25 +236,28 @@ def make_train_step(config: Any, model: nn.Module, mesh: Mesh, state_shardings: 
   both directions), temperature (after the update), grad_norm (trainable leaves,
   before clipping), learning_rate (the one this step used).
   """
-  tx = optim.make_optimizer(config)
+  layout = sharding.as_layout(mesh, config.mesh)
+  tx = optim.make_optimizer(config) if tx is None else tx
   schedule = optim.learning_rate_schedule(config.optim, config.total_steps)
-  grad_fn = make_grad_fn(config, model, mesh)
+  grad_fn = make_grad_fn(config, model, layout)
 
   def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
     trainable = state.trainable
     loss, metrics, batch_stats, grads = grad_fn(trainable, state.batch_stats, batch)
-    updates, opt_state = tx.update(grads, state.opt_state, trainable)
+    # The norm is computed once: the metric, and the clip's (optim.clip_by_trainable_norm).
+    grad_norm = optim.trainable_norm(config.optim, grads)
+    updates, opt_state = tx.update(grads, state.opt_state, trainable, grad_norm=grad_norm)
     # The optimizer's last transform keeps logit_scale in [0, ln 100] (optim.clamp_logit_scale).
     trainable = optax.apply_updates(trainable, updates)
     params = trainable['params']
     metrics = dict(metrics, loss=loss,
                    temperature=jnp.exp(params['logit_scale']),
-                   grad_norm=optim.trainable_norm(config.optim, grads),
+                   grad_norm=grad_norm,
                    learning_rate=schedule(state.step))
     new_state = TrainState(step=state.step + 1, params=params,
                            loss_params=trainable['loss_params'], opt_state=opt_state,
                            batch_stats=batch_stats)
     return new_state, metrics
 
-  return jax.jit(step, out_shardings=(state_shardings, NamedSharding(mesh, P())),
+  return jax.jit(step, out_shardings=(state_shardings, sharding.replicated(layout)),
                  donate_argnums=(0,))

@@ -107,6 +107,21 @@ def test_train_checkpoints_pruned_and_meta_kept(tmp_path):
   np.testing.assert_array_equal(loaded['params']['b'], np.full((3,), 10.0))
 
 
+def test_orbax_decides_the_regular_saves(tmp_path):
+  """Every `every_steps`-th step and only those (no save at the first step of a fresh run,
+  as orbax's save_interval_steps would add); `force` adds the off-interval ones (the last
+  step, a SIGTERM); a step at or before the latest is never due."""
+  mesh = jax.make_mesh((8, 1, 1), ('data', 'fsdp', 'model'))
+  variables, opt_state = _train_tree(mesh, 1.0)
+  with checkpoint.TrainCheckpointer(tmp_path, every_steps=3, keep=10) as ckpt:
+    assert [step for step in range(1, 8) if ckpt.should_save(step)] == [3, 6]
+    saved = [step for step in range(1, 8)
+             if ckpt.save(step, variables, opt_state, {}, force=step == 7)]
+    ckpt.wait()
+    assert saved == [3, 6, 7] and ckpt.all_steps() == [3, 6, 7]
+    assert not ckpt.should_save(6) and ckpt.should_save(9)
+
+
 def test_restore_onto_another_mesh(tmp_path):
   mesh = jax.make_mesh((8, 1, 1), ('data', 'fsdp', 'model'))
   variables, opt_state = _train_tree(mesh, 5.0)

@@ -1,6 +1,7 @@
 """The tf.data train and eval streams over TFRecord shards of real (PIL-drawn) images:
 shapes and values, two hosts, planted corrupt samples, exact resume, eval padding."""
 
+import importlib
 import io
 import json
 import os
@@ -8,10 +9,11 @@ import os
 import ml_collections
 import numpy as np
 import pytest
+import tensorflow as tf
 from PIL import Image, ImageDraw
 
 from clip_jax import config as config_lib
-from clip_jax.data import delivery, pipeline, preprocess, shards, sources, tokenizers
+from clip_jax.data import delivery, eval_input, pipeline, preprocess, shards, sources, tokenizers
 
 NUM_RECORDS = 48
 CORRUPT = {3, 14, 25, 36}          # undecodable image bytes (random, or a truncated JPEG)
@@ -172,6 +174,34 @@ def test_same_seed_same_stream_and_exact_resume(shard_dir, bpe):
     pipeline.make_train_iterator(config, bpe, process_index=0, process_count=1, state=state)
 
 
+def test_a_data_state_of_another_version_is_refused(shard_dir, bpe):
+  config = data_config(f'{shard_dir}/*.tfrecord')
+  iterator = pipeline.make_train_iterator(config, bpe, process_index=0, process_count=1)
+  newer = dict(iterator.state_dict(), version=pipeline.STATE_VERSION + 1)
+  expected = (rf'data iterator state \(the data position saved with the checkpoint\): format '
+              rf'version {pipeline.STATE_VERSION + 1}, but this clip_jax reads version '
+              rf'{pipeline.STATE_VERSION}')
+  with pytest.raises(ValueError, match=expected):
+    iterator.restore(newer)
+  with pytest.raises(ValueError, match=expected):
+    pipeline.make_train_iterator(config, bpe, process_index=0, process_count=1,
+                                 state=delivery.all_host_states(newer))
+  iterator.restore(dict(newer, version=pipeline.STATE_VERSION))    # its own version is read
+  iterator.close()
+
+
+def test_tensorflow_leaves_the_gpus_when_a_stream_is_built_not_at_import(monkeypatch):
+  """Importing the pipeline changes nothing; the first stream hides the GPUs, once."""
+  calls = []
+  monkeypatch.setattr(tf.config, 'set_visible_devices', lambda *args: calls.append(args))
+  importlib.reload(pipeline)
+  assert not calls
+  sources.tensorflow_on_cpu.cache_clear()
+  sources.StreamControl().finish()
+  sources.StreamControl().finish()
+  assert calls == [([], 'GPU')]
+
+
 def test_random_resized_crop_option_and_square_crop_geometry(shard_dir, bpe):
   config = data_config(f'{shard_dir}/*.tfrecord', crop='random_resized', crop_scale=(0.3, 1.0))
   batch = next(pipeline.make_train_iterator(config, bpe, process_index=0, process_count=1))
@@ -189,10 +219,10 @@ def test_random_resized_crop_option_and_square_crop_geometry(shard_dir, bpe):
 
 def test_center_crop_matches_torchvision_arithmetic():
   image = draw_image(3, (80, 36))
-  ours = preprocess.decode_center_crop(encoded(image, 'PNG'), 24, 'bilinear').numpy()
+  ours = eval_input.decode_image(encoded(image, 'PNG'), 24)
   # torchvision Resize(24) + CenterCrop(24): 80x36 -> 53x24, left offset round(29 / 2) = 14.
-  reference = np.asarray(Image.fromarray(image).resize((53, 24), Image.BILINEAR), np.float32)
-  np.testing.assert_allclose(ours, reference[:, 14:38], atol=3.0)
+  reference = np.asarray(Image.fromarray(image).resize((53, 24), Image.BICUBIC), np.float32)
+  np.testing.assert_allclose(ours, eval_input.normalize_pixels(reference[:, 14:38]), atol=1e-6)
 
 
 def test_eval_stream_same_batches_on_every_host_with_mask(shard_dir, bpe):
@@ -205,13 +235,19 @@ def test_eval_stream_same_batches_on_every_host_with_mask(shard_dir, bpe):
     batches = list(iterator)
     lengths.add((len(iterator), len(batches)))
     batch = batches[0]
-    assert set(batch) == {'image', 'text', 'label', 'mask'} and batch['mask'].dtype == bool
+    assert set(batch) == {'image', 'text', 'label', 'mask', 'index'}
+    assert batch['mask'].dtype == bool
     assert batch['image'].shape == (5, IMAGE_SIZE, IMAGE_SIZE, 3)
     mask = np.concatenate([b['mask'] for b in batches])
     labels = np.concatenate([b['label'] for b in batches])[mask]
     assert (np.concatenate([b['label'] for b in batches])[~mask] == -1).all()
-    assert iterator.host_count == NUM_RECORDS // 2
-    host_records = file_order[host::2]     # every other record, in file order
+    # The one eval split (clip_jax.data.eval_input): the host's half of each global batch
+    # of 10, in file order.
+    host_records = [file_order[i] for i in range(NUM_RECORDS) if (i % 10) // 5 == host]
+    assert iterator.host_count == len(host_records) == [25, 23][host]
+    np.testing.assert_array_equal(np.concatenate([b['index'] for b in batches])[mask],
+                                  [i for i in range(NUM_RECORDS) if (i % 10) // 5 == host
+                                   and file_order[i] not in CORRUPT])
     assert iterator.num_skipped == len(CORRUPT & set(host_records))
     np.testing.assert_array_equal(labels, [i for i in host_records if i not in CORRUPT])
     seen.append(set(labels))
@@ -220,7 +256,7 @@ def test_eval_stream_same_batches_on_every_host_with_mask(shard_dir, bpe):
   assert seen[0] | seen[1] == set(range(NUM_RECORDS)) - CORRUPT
   # Deterministic: a second pass gives the same pixels.
   again = pipeline.make_eval_iterator(source, batch_size=5, image_size=IMAGE_SIZE,
-                                      process_index=0, process_count=2, num_examples=NUM_RECORDS)
+                                      process_index=0, process_count=2, max_examples=NUM_RECORDS)
   first = next(iter(again))
   assert 'text' not in first and len(again) == 5
   np.testing.assert_array_equal(first['image'], host_batches[0][0]['image'])

@@ -68,9 +68,11 @@ def test_wds_tar_shards_train_and_eval(wds_dir, bpe):
   evaluation = pipeline.make_eval_iterator(source, batch_size=8, image_size=IMAGE_SIZE,
                                            process_index=1, process_count=2)
   batches = list(evaluation)
-  assert len(batches) == len(evaluation) == 3 and evaluation.num_skipped == 1   # 33 is host 1's
+  # Host 1 reads the second half of each global batch of 16: 8-15 and 24-31 (12 is corrupt).
+  assert len(batches) == len(evaluation) == 3 and evaluation.num_skipped == 1
+  assert 'example 12 (000000012)' in evaluation.skipped[0]
   assert sorted(np.concatenate([b['label'][b['mask']] for b in batches])) == \
-      sorted(set(range(1, 40, 2)) - {33})
+      sorted((set(range(8, 16)) | set(range(24, 32))) - {12})
 
 
 def test_damaged_and_missing_shards_are_logged_and_skipped(wds_dir, tmp_path, bpe):

@@ -209,7 +209,7 @@ RECIPES: list[Recipe] = [
     Recipe(r'^python benchmarks/loss_memory\.py$',
            append=('--batches=64,128', '--local_batch=8', '--device_counts=8'),
            expect=(r'\| ring \| 8 \|',), parallel=True),
-    Recipe(r'^python -m clip_jax\.data\.benchmark$',
+    Recipe(r'^python -m clip_jax\.data\.throughput$',
            append=('--num_images=64', '--num_batches=2', '--batch_size=16'),
            expect=(r'images/s',), parallel=True),
 

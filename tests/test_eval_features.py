@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from clip_jax.api import ClipModel
+from clip_jax.data.eval_input import pad_batch
 from clip_jax.evaluate import features as feat
 from clip_jax.evaluate.run import text_encoder
 from clip_jax.evaluate.zeroshot import (params_fingerprint, zeroshot_accuracy,
@@ -71,13 +72,13 @@ def test_hosts_split_each_global_batch_and_agree_on_batch_count(mesh, monkeypatc
 
 
 def test_pad_batch_keeps_incoming_mask_and_checks_rows():
-  batch = feat.pad_batch({'x': np.ones((3, 2)), 'mask': np.array([True, False, True])}, 5)
+  batch = pad_batch({'x': np.ones((3, 2)), 'mask': np.array([True, False, True])}, 5)
   np.testing.assert_array_equal(batch['mask'], [True, False, True, False, False])
   assert batch['x'].shape == (5, 2) and batch['x'][3:].sum() == 0
   with pytest.raises(ValueError, match="'y' has 2 rows, expected 3"):
-    feat.pad_batch({'x': np.ones(3), 'y': np.ones(2)}, 4)
+    pad_batch({'x': np.ones(3), 'y': np.ones(2)}, 4)
   with pytest.raises(ValueError, match='larger than the batch size'):
-    feat.pad_batch({'x': np.ones(6)}, 4)
+    pad_batch({'x': np.ones(6)}, 4)
 
 
 def _hash_tokenizer(context, vocab, eot):

@@ -1,16 +1,22 @@
 """The Flax towers: OpenAI's parameter counts, numerics of the model options, text pooling."""
 
+import ast
+import dataclasses
 import json
 import os
+import pathlib
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
+import clip_jax
 from clip_jax.models import (OPENAI_NAMES, build_model, count_params, init_variables,
-                             model_config, param_shapes)
+                             model_config, openai_constants, param_shapes)
+from clip_jax.models.architectures import ARCHITECTURE_KEYS, MODEL_DEFAULTS, ModelOptions
 from clip_jax.models.layers import Transformer
 from clip_jax.models.params import flatten_names, stack_layers, unstack_layers
 from clip_jax.models.text import eot_positions
@@ -281,3 +287,52 @@ def test_every_parameter_has_logical_axis_names():
   # Scanned layers carry the 'layers' axis first.
   qkv = boxed['params']['visual']['transformer']['resblocks']['attn']['qkv']['kernel']
   assert qkv.names == ('layers', 'embed', 'qkv', 'heads', 'head_dim')
+
+
+def test_attention_pool_heads_carry_the_heads_axis():
+  """The attention pool's q/k/v outputs are (heads, head_dim) merged heads-major: 'heads'."""
+  cfg = _resnet_cfg()
+  boxed = jax.eval_shape(lambda r: build_model(cfg).init(r, *_tiny_inputs(cfg, batch=1)),
+                         jax.random.key(0))
+  pool = boxed['params']['visual']['attnpool']
+  for name in ('q_proj', 'k_proj', 'v_proj'):
+    assert pool[name]['kernel'].names == ('embed', 'heads')
+    assert pool[name]['bias'].names == ('heads',)
+  assert pool['c_proj']['kernel'].names == ('heads', 'proj')
+
+
+def _numbers_in_code(path):
+  """(line, value) of every int/float literal in a module's code (docstrings and comments
+  are strings or nothing to the AST, so prose may name the numbers)."""
+  tree = ast.parse(path.read_text())
+  return [(node.lineno, node.value) for node in ast.walk(tree)
+          if isinstance(node, ast.Constant) and type(node.value) in (int, float)]
+
+
+def test_openai_constants_are_written_only_in_their_module():
+  package = pathlib.Path(clip_jax.__file__).parent
+  home = pathlib.Path(openai_constants.__file__)
+  ids = {openai_constants.VOCAB_SIZE, openai_constants.SOT_TOKEN_ID,
+         openai_constants.EOT_TOKEN_ID}
+  # Rounded spellings (2.6592) count too; 0.07 is the temperature the init is made from.
+  floats = (openai_constants.LOGIT_SCALE_INIT, openai_constants.LOGIT_SCALE_MAX, 0.07)
+  found = [f'{path.relative_to(package)}:{line}: {value!r}'
+           for path in sorted(package.rglob('*.py')) if path != home
+           for line, value in _numbers_in_code(path)
+           if (type(value) is int and value in ids)
+           or (type(value) is float and any(abs(value - f) < 1e-3 for f in floats))]
+  assert not found, 'import these from clip_jax.models.openai_constants:\n' + '\n'.join(found)
+  # The home itself states each of them.
+  assert {value for _, value in _numbers_in_code(home)} >= ids | {openai_constants.CONTEXT_LENGTH}
+
+
+def test_model_options_are_the_defaults_every_config_gets():
+  options = ModelOptions()
+  assert MODEL_DEFAULTS == dataclasses.asdict(options)
+  assert options.logit_scale_init == openai_constants.LOGIT_SCALE_INIT
+  assert options.eot_token_id == openai_constants.EOT_TOKEN_ID
+  # A config without the options (an older config.json) builds with the same defaults.
+  full = model_config('ViT-B/32')
+  bare = ml_collections.ConfigDict({k: full[k] for k in ARCHITECTURE_KEYS})
+  assert ModelOptions.from_config(bare) == options == ModelOptions.from_config(full)
+  assert build_model(bare) == build_model(full)

@@ -93,7 +93,7 @@ def test_tensor_parallel_step_does_not_gather_kernels():
   config = get_config('tiny')
   config.mesh.shape = (4, 1, 2)
   config.batch_size = 8
-  mesh = sharding.mesh_from_config(config.mesh)
+  mesh = sharding.layout_from_config(config.mesh)
   model = build_model(config.model)
   abstract, shardings = train_step.train_state_shardings(config, model, mesh)
   state = jax.tree_util.tree_map(

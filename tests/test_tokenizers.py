@@ -10,7 +10,9 @@ import ml_collections
 import numpy as np
 import pytest
 
+from clip_jax.config import get_config
 from clip_jax.data import tokenizers
+from clip_jax.models import ARCHITECTURES, model_config
 
 _WORDS = ['a', 'photo', 'of', 'the', 'cat', 'dog', 'on', 'sofa', 'Running', 'MAN', "don't",
           "it's", "we're", "they'll", 'e-mail', 'state-of-the-art', 'U.S.A.', '2021', '3.14',
@@ -164,3 +166,28 @@ def test_get_tokenizer_from_config_section(sentencepiece_model):
     tokenizers.get_tokenizer(section)
   with pytest.raises(ValueError, match='no non-empty caption'):
     tokenizers.train_sentencepiece(['', '  '], '/tmp/unused_spm_prefix', 64)
+
+
+def test_tokenizer_for_is_the_one_rule(sentencepiece_model, tmp_path):
+  openai_sized, tiny = model_config('ViT-B/32'), model_config('tiny')
+  # The vocabulary decides when nothing else does, and the training config follows it.
+  assert tokenizers.default_tokenizer_type(openai_sized) == 'clip_bpe'
+  assert tokenizers.default_tokenizer_type(tiny) == 'sentencepiece'
+  for name in ARCHITECTURES:
+    config = get_config(name)
+    assert config.data.tokenizer.type == tokenizers.default_tokenizer_type(config.model)
+  bpe = tokenizers.tokenizer_for(openai_sized)
+  assert isinstance(bpe, tokenizers.ClipBpeTokenizer) and bpe.context_length == 77
+  assert tokenizers.tokenizer_for(tiny) is None
+  # A run's section wins over the vocabulary, unless its SentencePiece model was never set.
+  section = get_config('tiny').data.tokenizer
+  assert tokenizers.tokenizer_for(tiny, section) is None
+  section.model_path = sentencepiece_model
+  assert isinstance(tokenizers.tokenizer_for(tiny, section), tokenizers.SentencePieceTokenizer)
+  # The flag wins over both, at the model's context length.
+  flagged = tokenizers.tokenizer_for(tiny, section, 'clip_bpe')
+  assert isinstance(flagged, tokenizers.ClipBpeTokenizer) and flagged.context_length == 16
+  spm = tokenizers.tokenizer_for(openai_sized, None, sentencepiece_model)
+  assert isinstance(spm, tokenizers.SentencePieceTokenizer) and spm.context_length == 77
+  with pytest.raises(FileNotFoundError, match='--tokenizer'):
+    tokenizers.tokenizer_for(tiny, None, str(tmp_path / 'missing.model'))

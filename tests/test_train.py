@@ -150,22 +150,32 @@ def test_resume_onto_another_mesh(tmp_path, data_dir, capsys):
   assert 'training already complete at step 6' in capsys.readouterr().out
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_dir, monkeypatch):
-  config = tiny_config(data_dir, total_steps=20, checkpoint__every_steps=2)
+def poison_step(monkeypatch, at_step, poison):
+  """The trainer's step, with `poison(state, metrics) -> (state, metrics)` applied to
+  what update `at_step` returns."""
   real_make_train_step = train.make_train_step
 
   def make_train_step(*args, **kwargs):
     step_fn = real_make_train_step(*args, **kwargs)
 
     def poisoned(state, batch):
-      # Update 5 turns the weights into NaN, as an exploding update would.
       state, metrics = step_fn(state, batch)
-      if int(state.step) == 5:
-        state = state.replace(params=jax.tree.map(lambda x: x * np.nan, state.params))
+      if int(state.step) == at_step:
+        state, metrics = poison(state, metrics)
       return state, metrics
     return poisoned
 
   monkeypatch.setattr(train, 'make_train_step', make_train_step)
+
+
+def nan_params(state):
+  return state.replace(params=jax.tree.map(lambda x: x * np.nan, state.params))
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_dir, monkeypatch):
+  config = tiny_config(data_dir, total_steps=20, checkpoint__every_steps=2)
+  # Update 5 turns the weights into NaN, as an exploding update would.
+  poison_step(monkeypatch, 5, lambda state, metrics: (nan_params(state), metrics))
   with pytest.raises(FloatingPointError, match=r'loss is nan at step (\d+): training stopped; '
                      r'the last good checkpoint is step (\d+)') as error:
     train.train_and_evaluate(config, str(tmp_path))
@@ -173,6 +183,26 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_dir, m
   assert nan_step == 6 and kept == 4 and checkpoint.latest_step(tmp_path) == kept
   _, variables = checkpoint.load_model(tmp_path)
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(variables))
+
+
+def test_a_non_finite_grad_norm_stops_before_its_checkpoint(tmp_path, data_dir, monkeypatch,
+                                                           capsys):
+  """Update 4 overflows (its gradient norm is inf, the weights NaN) while its loss, computed
+  before the update, is still finite: checkpoint 4 would hold the broken weights, so the
+  run stops before writing it. The run also uses renamed mesh axes: the trainer reads
+  every axis role from config.mesh."""
+  config = tiny_config(data_dir, total_steps=20, checkpoint__every_steps=2,
+                       mesh__shape=(2, 2, 2), mesh__axes=('replica', 'shard', 'tensor'),
+                       mesh__batch_axes=('replica', 'shard'), mesh__fsdp_axis='shard',
+                       mesh__logical_rules=(('heads', 'tensor'), ('mlp', 'tensor')))
+  poison_step(monkeypatch, 4, lambda state, metrics: (nan_params(state),
+                                                      dict(metrics, grad_norm=np.inf)))
+  with pytest.raises(FloatingPointError, match=r'grad_norm is inf at step 4: training stopped; '
+                     r'the last good checkpoint is step 2 in'):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert saved_steps(tmp_path) == [2] and checkpoint.latest_step(tmp_path) == 2
+  assert "mesh {'replica': 2, 'shard': 2, 'tensor': 2}" in capsys.readouterr().out
+  assert sorted(train.loss_history(str(tmp_path))) == [1, 2, 3]   # step 4 is never logged
 
 
 def test_bad_config_and_foreign_workdir_are_refused(tmp_path, data_dir):

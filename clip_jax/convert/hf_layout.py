@@ -26,6 +26,7 @@ import numpy as np
 from clip_jax import storage
 from clip_jax.convert.mapping import Entry, norm, prefixed
 from clip_jax.convert.safe_load import read_safetensors
+from clip_jax.models.architectures import ModelOptions
 
 WEIGHTS_FILE = 'model.safetensors'
 INDEX_FILE = 'model.safetensors.index.json'
@@ -146,7 +147,7 @@ def config_json(cfg: ml_collections.ConfigDict | Mapping[str, Any], torch_dtype:
                 initializer_range=0.02, initializer_factor=1.0, projection_dim=cfg['embed_dim'])
   return dict(
       architectures=['CLIPModel'], model_type='clip', projection_dim=cfg['embed_dim'],
-      logit_scale_init_value=float(cfg.get('logit_scale_init', 2.6592)),
+      logit_scale_init_value=float(ModelOptions.from_config(cfg).logit_scale_init),
       initializer_factor=1.0, torch_dtype=torch_dtype,
       text_config=dict(common, model_type='clip_text_model', vocab_size=t['vocab_size'],
                        hidden_size=t['width'], intermediate_size=4 * t['width'],

@@ -18,10 +18,11 @@ from typing import Any, Mapping
 import ml_collections
 import numpy as np
 
-from clip_jax.models.architectures import ARCHITECTURES, MODEL_DEFAULTS, model_config
+from clip_jax.models import openai_constants as openai
+from clip_jax.models.architectures import (ARCHITECTURES, MODEL_DEFAULTS, ModelOptions,
+                                           model_config)
 
 HEAD_WIDTH = 64
-_ARCH_KEYS = ('embed_dim', 'vision', 'text')
 
 
 def _count(state: Mapping[str, Any], pattern: str) -> int:
@@ -128,8 +129,9 @@ def hf_architecture(hf_config: Mapping[str, Any], source: str) -> tuple[dict[str
                   width=get(vision, 'hidden_size', 768),
                   layers=get(vision, 'num_hidden_layers', 12),
                   heads=get(vision, 'num_attention_heads', 12)),
-      text=dict(context_length=get(text, 'max_position_embeddings', 77),
-                vocab_size=get(text, 'vocab_size', 49408), width=get(text, 'hidden_size', 512),
+      text=dict(context_length=get(text, 'max_position_embeddings', openai.CONTEXT_LENGTH),
+                vocab_size=get(text, 'vocab_size', openai.VOCAB_SIZE),
+                width=get(text, 'hidden_size', 512),
                 heads=get(text, 'num_attention_heads', 8),
                 layers=get(text, 'num_hidden_layers', 12)))
   # HF pools text at the argmax of the ids when eos_token_id == 2 (its configs before
@@ -156,16 +158,17 @@ def open_clip_model_cfg(cfg: Mapping[str, Any]) -> dict[str, Any]:
                       patch_size=None, head_width=v['width'] * 32 // v['heads'])
   text_cfg = dict(context_length=t['context_length'], vocab_size=t['vocab_size'],
                   width=t['width'], heads=t['heads'], layers=t['layers'])
-  if cfg.get('text_pool', 'argmax') == 'eot_id':
-    text_cfg.update(pool_type='eos', eos_id=int(cfg.get('eot_token_id', MODEL_DEFAULTS['eot_token_id'])))
-  return dict(embed_dim=cfg['embed_dim'], quick_gelu=cfg.get('activation') == 'quick_gelu',
+  options = ModelOptions.from_config(cfg)
+  if options.text_pool == 'eot_id':
+    text_cfg.update(pool_type='eos', eos_id=int(options.eot_token_id))
+  return dict(embed_dim=cfg['embed_dim'], quick_gelu=options.activation == 'quick_gelu',
               vision_cfg=vision_cfg, text_cfg=text_cfg)
 
 
 def open_clip_name(cfg: Mapping[str, Any]) -> str | None:
   """open_clip's built-in model name for a zoo architecture ('ViT-B-32-quickgelu'), else None."""
-  if (not is_zoo_architecture(cfg) or cfg['name'] == 'tiny'
-      or cfg.get('text_pool', 'argmax') != 'argmax'):
+  options = ModelOptions.from_config(cfg)
+  if not is_zoo_architecture(cfg) or cfg['name'] == 'tiny' or options.text_pool != 'argmax':
     return None
   name = cfg['name'].replace('/', '-').replace('@', '-')
-  return name + ('-quickgelu' if cfg.get('activation') == 'quick_gelu' else '')
+  return name + ('-quickgelu' if options.activation == 'quick_gelu' else '')

@@ -17,13 +17,13 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
-from clip_jax.sharding import batch_sharding
+from clip_jax.sharding import MeshLayout, batch_sharding
 
-ShardingLike = NamedSharding | Mesh | Mapping[str, NamedSharding]
+ShardingLike = NamedSharding | MeshLayout | Mesh | Mapping[str, NamedSharding]
 
 
 def _sharding_for(sharding: ShardingLike, key: str, ndim: int) -> NamedSharding:
-  if isinstance(sharding, Mesh):
+  if isinstance(sharding, (MeshLayout, Mesh)):
     return batch_sharding(sharding, ndim)
   if isinstance(sharding, Mapping):
     if key not in sharding:
@@ -37,8 +37,8 @@ def to_global(batch: Mapping[str, np.ndarray], sharding: ShardingLike) -> dict[s
   """This host's batch slice -> global arrays.
 
   `sharding` is one NamedSharding for every key (its spec splits the leading axis;
-  trailing axes are replicated), a Mesh (the batch sharding of clip_jax.sharding),
-  or a dict key -> NamedSharding.
+  trailing axes are replicated), a MeshLayout or a Mesh (the batch sharding of
+  clip_jax.sharding), or a dict key -> NamedSharding.
   """
   return {key: jax.make_array_from_process_local_data(
       _sharding_for(sharding, key, np.ndim(value)), np.asarray(value))

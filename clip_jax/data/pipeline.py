@@ -23,11 +23,12 @@ order). Restoring rebuilds the stream at (epoch, group) and skips `offset` raw r
 of that group before decoding: the next batches are exactly those an uninterrupted
 stream would have produced, at the cost of re-reading at most one group of files.
 
-Eval stream: every host reads the files in order and keeps every `process_count`-th
-record (TFDS: an even split), so hosts differ by at most one example; the shorter
-side is resized and centre-cropped, nothing is shuffled, and each host's stream is
-padded with masked examples to the same number of batches (`mask` False on padding).
-Corrupt eval images are dropped and counted (their slot becomes padding).
+Eval stream: the examples are numbered in file order (TFDS: split order) and every host
+reads them forward, decoding only its own share; the share, the decoder and the crop are
+those of every evaluation set (`clip_jax.data.eval_input`: open_clip's eval transform in
+PIL, contiguous parts of each global batch, masked padding). An example that cannot be
+parsed or decoded keeps its place, masked, and is named in `skipped`. The examples are
+counted once per process (`count_examples`), and not past `max_examples`.
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
@@ -43,16 +43,11 @@ import tensorflow as tf
 
 from clip_jax import storage
 from clip_jax.data import preprocess
+from clip_jax.data.eval_input import NO_LABEL, decode_images, host_ranges, split_batches
 from clip_jax.data.sources import Source, StreamControl, describe_first_record, host_files
 from clip_jax.data.tokenizers import Tokenizer, get_tokenizer
 
 logger = logging.getLogger(__name__)
-
-# The accelerator belongs to JAX; tf.data only needs the CPU.
-try:
-  tf.config.set_visible_devices([], 'GPU')
-except (RuntimeError, ValueError):   # already initialised, or no GPU support at all
-  pass
 
 AUTOTUNE = tf.data.AUTOTUNE
 STATE_VERSION = 1
@@ -275,6 +270,13 @@ class TrainIterator:
         raise ValueError(f'data iterator state: no entry for host {self._process_index} (saved '
                          f'for hosts {", ".join(sorted(hosts))}); resume with as many hosts')
       state = hosts[str(self._process_index)]
+    # initial_state() carries neither a version nor a fingerprint; a saved state has both.
+    version = state.get('version', STATE_VERSION)
+    if version != STATE_VERSION:
+      raise ValueError(f'data iterator state (the data position saved with the checkpoint): '
+                       f'format version {version}, but this clip_jax reads version '
+                       f'{STATE_VERSION}; resume with the clip_jax that wrote it, or start '
+                       'the data stream afresh from a new workdir')
     saved = state.get('fingerprint', self._fingerprint)
     if saved != self._fingerprint:
       raise ValueError('data iterator state: it was saved for another file list, seed, host '
@@ -337,8 +339,10 @@ def check_readable(source: Source, process_index: int, process_count: int) -> No
         ', ...)' if len(files) > 3 else ')')
 
   def usable(sample: dict[str, tf.Tensor]) -> tf.Tensor:
-    # The pixels are used so that the decode is not pruned from the graph.
-    pixels = preprocess.decode_center_crop(sample['image'], 8, 'bilinear')
+    # The training decoder, at a small size; the pixels are used so that the decode is
+    # not pruned from the graph.
+    pixels = preprocess.decode_random_crop(sample['image'], tf.constant([0, 0]), 8,
+                                           method='bilinear')
     ok = _choose_caption(sample['captions'], None)[1] & tf.reduce_all(tf.math.is_finite(pixels))
     return ok & (sample['label'] >= 0) if source.label_key else ok
 
@@ -371,8 +375,9 @@ def read_policy(data: Mapping[str, Any]) -> storage.RetryPolicy:
 
 def _data_options(data: Mapping[str, Any]) -> dict[str, Any]:
   """config.data keys -> train_dataset keyword arguments (with the key names in errors)."""
-  if data['crop'] not in ('square', 'random_resized'):
-    raise ValueError(f'config.data.crop: {data["crop"]!r}; expected square or random_resized')
+  if data['crop'] not in preprocess.TRAIN_CROPS:
+    raise ValueError(f'config.data.crop: {data["crop"]!r}; expected one of '
+                     f'{", ".join(preprocess.TRAIN_CROPS)}')
   if data['resize_method'] not in preprocess.RESIZE_METHODS:
     raise ValueError(f'config.data.resize_method: {data["resize_method"]!r}; expected one of '
                      f'{", ".join(preprocess.RESIZE_METHODS)}')
@@ -427,124 +432,164 @@ def make_train_iterator(config: Any, tokenizer: Tokenizer | None = None, *,
   return TrainIterator(build, fingerprint, state, process_index)
 
 
-def _count_records(source: Source, files: list[str], control: StreamControl) -> int:
-  records = tf.data.Dataset.from_tensor_slices(files).interleave(
-      lambda path: source.read_file(path, control), cycle_length=min(len(files), 8),
-      num_parallel_calls=AUTOTUNE, deterministic=True)
-  count = int(records.reduce(np.int64(0), lambda count, _: count + 1))
-  control.check()
-  return count
+# Records counted per eval source in this process: (kind, files, keys) -> (count, whether
+# that is all of them). A second evaluation does not read the files again; files rewritten
+# under the same names keep their first count while the process lives.
+_RECORD_COUNTS: dict[tuple, tuple[int, bool]] = {}
 
 
-def eval_dataset(source: Source, *, batch_size: int, image_size: int,
-                 tokenizer: Tokenizer | None = None, process_index: int = 0,
-                 process_count: int = 1, num_examples: int | None = None,
-                 resize_method: str = 'bicubic', num_parallel_calls: int = -1,
-                 prefetch: int = 2, control: StreamControl | None = None
-                 ) -> tuple[tf.data.Dataset, int, int]:
-  """(dataset, number of batches (the same on every host), examples of this host).
+def count_examples(source: Source, max_examples: int = 0) -> int:
+  """Examples of an eval source, at most `max_examples` (0: all of them).
 
-  Batches: `image`, `mask` (bool, False on padding), `label` when `source.label_key`
-  is set, `text` (the first caption, tokenised) when a tokenizer is given.
-  `num_examples` (all hosts together) saves a counting pass over TFRecord/tar files.
-  Storage errors of its readers are recorded in `control`, which also ends the stream
-  early (`control.iterate` / `control.finish`, as for train_dataset).
+  A TFDS split's size is in its metadata; files are read (several at once) until
+  `max_examples` records, once per process and source.
   """
-  control = control if control is not None else StreamControl()
-  parallel = AUTOTUNE if num_parallel_calls < 0 else num_parallel_calls
   if source.kind == 'tfds':
-    samples, host_count = source.tfds_dataset(process_index, process_count)
-    total = int(source.tfds_builder().info.splits[source.tfds_split].num_examples)
-  else:
-    files = source.files()
-    total = (_count_records(source, files, control) if num_examples is None
-             else int(num_examples))
+    total = source.tfds_num_examples()
+    return min(total, max_examples) if max_examples else total
+  files = source.files()
+  key = (source.kind, tuple(files), source.images, source.captions, source.label_key)
+  counted, complete = _RECORD_COUNTS.get(key, (0, False))
+  if not complete and (not max_examples or counted < max_examples):
+    control = StreamControl()
     records = tf.data.Dataset.from_tensor_slices(files).interleave(
+        lambda path: source.read_file(path, control), cycle_length=min(len(files), 8),
+        num_parallel_calls=AUTOTUNE, deterministic=False)
+    # A storage fault is raised by `check` below; take() ends the readers inside tf.data.
+    records = records.ignore_errors().take(max_examples or -1)
+    try:
+      counted = int(records.reduce(np.int64(0), lambda count, *_: count + 1))
+    finally:
+      control.finish()
+    control.check()
+    complete = not max_examples or counted < max_examples
+    _RECORD_COUNTS[key] = (counted, complete)
+  return min(counted, max_examples) if max_examples else counted
+
+
+def _eval_records(source: Source, count: int, control: StreamControl) -> tf.data.Dataset:
+  """The first `count` examples of a source in order: {'index', 'image' (encoded),
+  'caption' (the first non-empty one, or ''), 'label', 'key'}. A record that cannot be
+  parsed is missing (its index is skipped)."""
+  if source.kind == 'tfds':
+    raw, _ = source.tfds_dataset(0, 1)   # the whole split: hosts keep their share later
+  else:
+    raw = tf.data.Dataset.from_tensor_slices(source.files()).interleave(
         lambda path: source.read_file(path, control), cycle_length=1)
-    samples = records.shard(process_count, process_index).map(source.parse)
-    host_count = len(range(process_index, total, process_count))
-  num_batches = math.ceil(math.ceil(total / process_count) / batch_size)
-  if num_batches == 0:
-    raise ValueError(f'{source.name}: no example to evaluate')
 
-  def decode(sample: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-    image = preprocess.decode_center_crop(sample['image'], image_size, resize_method)
+  def fields(index: tf.Tensor, element: Any) -> dict[str, tf.Tensor]:
+    sample = source.parse(element)
     caption, _ = _choose_caption(sample['captions'], None)
-    return dict(image=preprocess.normalize(image), caption=caption,
-                label=tf.cast(sample['label'], tf.int32), mask=tf.constant(True))
+    return dict(index=index, image=sample['image'], caption=caption,
+                label=tf.cast(sample['label'], tf.int32), key=sample['key'])
 
-  examples = samples.map(decode, num_parallel_calls=parallel, deterministic=True).ignore_errors()
-  padding = tf.data.Dataset.from_tensors(dict(
-      image=tf.zeros([image_size, image_size, 3]), caption=tf.constant(''),
-      label=tf.constant(-1, tf.int32), mask=tf.constant(False))).repeat(num_batches * batch_size)
-  padding = padding.take_while(control.keep_going)   # once stopped, no padding is made
-  batches = examples.concatenate(padding).take(num_batches * batch_size).batch(batch_size)
+  records = raw.take(count).enumerate().map(fields, num_parallel_calls=AUTOTUNE,
+                                            deterministic=True).ignore_errors()
+  return records.take_while(control.keep_going).prefetch(AUTOTUNE).with_options(_options())
 
-  def finish(batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-    if tokenizer is not None:
-      batch = _tokenize_batch(batch, tokenizer, batch_size)
-    batch = {k: v for k, v in batch.items() if k != 'caption'}
-    if not source.label_key:
-      batch.pop('label')
-    return batch
 
-  batches = batches.map(finish, num_parallel_calls=parallel, deterministic=True)
-  return batches.prefetch(prefetch).with_options(_options()), num_batches, host_count
+class _ForwardReader:
+  """Examples of a stream by index, read forward: `read(indices)` takes ascending ranges;
+  the examples before a range (other hosts') are passed over undecoded, and None stands
+  for one that is missing."""
+
+  def __init__(self, elements: Iterator[dict[str, Any]]):
+    self._elements = elements
+    self._next: dict[str, Any] | None = None
+
+  def read(self, indices: np.ndarray) -> list[dict[str, Any] | None]:
+    out: list[dict[str, Any] | None] = [None] * len(indices)
+    if not len(indices):
+      return out
+    lo, hi = int(indices[0]), int(indices[-1]) + 1
+    while True:
+      if self._next is None:
+        self._next = next(self._elements, None)
+        if self._next is None:
+          return out
+      index = int(self._next['index'])
+      if index >= hi:
+        return out
+      if index >= lo:
+        out[index - lo] = self._next
+      self._next = None
 
 
 class EvalIterator:
-  """The eval batches of one host; `len()` is the same on every host.
+  """This host's eval batches of a TFRecord, tar or TFDS source; `len()` is the same on
+  every host.
 
-  `num_skipped` (after the last batch) counts this host's examples that could not be
-  decoded; their places are padding. A storage fault is raised (StorageError). Leaving
-  a loop over it early ends its readers properly; `take(n)` ends it sooner.
+  Batches: `image`, `mask` (False on padding and on examples that could not be read),
+  `index` (the example's position in the source), `label` (NO_LABEL where masked) when
+  `source.label_key` is set, `text` (the first caption, tokenised) when a tokenizer is
+  given. After a pass, `skipped` names this host's unreadable examples. A storage fault
+  is raised (StorageError); leaving a loop early ends the readers properly.
   """
 
-  def __init__(self, dataset: tf.data.Dataset, num_batches: int, host_count: int,
-               control: StreamControl):
-    self._dataset = dataset
-    self._control = control
-    self.num_batches = num_batches
-    self.host_count = host_count
-    self._real = 0
+  def __init__(self, source: Source, *, batch_size: int, image_size: int,
+               tokenizer: Tokenizer | None, process_index: int, process_count: int,
+               max_examples: int = 0):
+    self.num_examples = count_examples(source, max_examples)
+    if self.num_examples == 0:
+      raise ValueError(f'{source.name}: no example to evaluate')
+    self._source, self._image_size, self._tokenizer = source, image_size, tokenizer
+    self._split = (batch_size, process_index, process_count)
+    ranges = host_ranges(self.num_examples, *self._split)
+    self.num_batches = len(ranges)
+    self.host_count = sum(len(r) for r in ranges)   # examples this host reads
+    self.skipped: list[str] = []
 
   def __len__(self) -> int:
     return self.num_batches
 
-  def take(self, count: int) -> 'EvalIterator':
-    """The first `count` batches only, ended inside tf.data (every host must take as many)."""
-    self._dataset = self._dataset.take(count)
-    self.num_batches = min(self.num_batches, count)
-    return self
+  def _rows(self, examples: _ForwardReader, indices: np.ndarray) -> dict[str, np.ndarray]:
+    records = examples.read(indices)
+    images, problems = decode_images([None if r is None else r['image'] for r in records],
+                                     self._image_size)
+    for index, record, problem in zip(indices, records, problems):
+      if problem:
+        key = record['key'].decode('utf-8', 'replace') if record is not None else ''
+        self.skipped.append(f'{self._source.name}: example {index}'
+                            f'{f" ({key})" if key else ""}: {problem}')
+    mask = np.array([p is None for p in problems], bool)
+    rows = {'image': images, 'mask': mask, 'index': indices.astype(np.int32)}
+    if self._source.label_key:
+      labels = [NO_LABEL if r is None else int(r['label']) for r in records]
+      rows['label'] = np.where(mask, np.array(labels, np.int32), NO_LABEL).astype(np.int32)
+    if self._tokenizer is not None:
+      captions = ['' if r is None else r['caption'].decode('utf-8', 'replace') for r in records]
+      # Zero captions still need the tokenizer's row shape (a host past the end).
+      rows['text'] = np.asarray(self._tokenizer(captions or ['']), np.int32)[:len(captions)]
+    return rows
 
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-    self._real = 0
+    self.skipped = []
+    control = StreamControl()
+    examples = _ForwardReader(control.iterate(_eval_records(self._source, self.num_examples,
+                                                            control)))
     try:
-      for batch in self._control.iterate(self._dataset):
-        self._control.check()
-        self._real += int(batch['mask'].sum())
+      for batch in split_batches(self.num_examples, self._split[0],
+                                 lambda indices: self._rows(examples, indices), *self._split[1:]):
+        control.check()
         yield batch
-      self._control.check()
+      control.check()
     finally:
-      self._control.finish()
+      control.finish()
 
   @property
   def num_skipped(self) -> int:
-    return self.host_count - self._real
+    """This host's examples that could not be read (after a pass)."""
+    return len(self.skipped)
 
 
 def make_eval_iterator(source: Source | Mapping[str, Any], *, batch_size: int, image_size: int,
                        tokenizer: Tokenizer | None = None, process_index: int | None = None,
-                       process_count: int | None = None, num_examples: int | None = None,
-                       resize_method: str = 'bicubic') -> EvalIterator:
+                       process_count: int | None = None, max_examples: int = 0) -> EvalIterator:
   """Eval batches of this host (`batch_size` per host) from a Source or a config section
-  with the keys of config.data.train."""
+  with the keys of config.data.train; the first `max_examples` examples (0: all)."""
   if not isinstance(source, Source):
     source = Source.from_config(source, 'eval source')
   process_index, process_count = _processes(process_index, process_count)
-  control = StreamControl()
-  dataset, num_batches, host_count = eval_dataset(
-      source, batch_size=batch_size, image_size=image_size, tokenizer=tokenizer,
-      process_index=process_index, process_count=process_count, num_examples=num_examples,
-      resize_method=resize_method, control=control)
-  return EvalIterator(dataset, num_batches, host_count, control)
+  return EvalIterator(source, batch_size=batch_size, image_size=image_size, tokenizer=tokenizer,
+                      process_index=process_index, process_count=process_count,
+                      max_examples=max_examples)

@@ -1,4 +1,4 @@
-"""Image preprocessing in tf: decode, crop, resize, CLIP normalisation.
+"""Training image preprocessing in tf: decode, random crop, resize, CLIP normalisation.
 
 Training crops are random but *stateless*: each sample's crop comes from a seed that is
 a function of (config seed, epoch, file group, position), so a resumed stream crops
@@ -10,7 +10,8 @@ Crops:
                   sqrt(U(scale)) * shorter side at a uniform position, resized.
   random_resized  torchvision/open_clip RandomResizedCrop: area fraction U(scale),
                   aspect ratio log-uniform in `ratio` (whole image if no fit).
-  center          shorter side resized to the output size, centre crop (evaluation).
+Evaluation images take open_clip's eval transform instead, in PIL, from every source
+(`clip_jax.data.eval_input`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import tensorflow as tf
 
 # OpenAI's CLIP pixel statistics (RGB, on [0, 1]), kept once with the architectures.
 from clip_jax.models.architectures import CLIP_MEAN, CLIP_STD
-CROPS = ('square', 'random_resized', 'center')
+TRAIN_CROPS = ('square', 'random_resized')   # config.data.crop
 RESIZE_METHODS = ('bicubic', 'bilinear', 'area', 'lanczos3', 'nearest')
 
 
@@ -56,24 +57,21 @@ def _random_resized_window(height: tf.Tensor, width: tf.Tensor, seed: tf.Tensor,
   return tf.stack([begin[0], begin[1], size[0], size[1]])
 
 
-def _resize(image: tf.Tensor, height: int | tf.Tensor, width: int | tf.Tensor, method: str,
-            always_antialias: bool = True) -> tf.Tensor:
+def _resize(image: tf.Tensor, height: int | tf.Tensor, width: int | tf.Tensor,
+            method: str) -> tf.Tensor:
   """Resize to float32 [height, width, 3] in [0, 255].
 
-  Antialiasing widens the kernel by the downscale factor and costs 2-4x more; without
-  `always_antialias` it is used only when shrinking by more than 2x (below that the
-  plain kernel's taps already cover the input pixels).
+  Antialiasing widens the kernel by the downscale factor and costs 2-4x more: it is used
+  only when shrinking by more than 2x (below that the plain kernel's taps already cover
+  the input pixels).
   """
   size = tf.stack([height, width])    # (uint8 in, float32 out: no extra pass for a cast)
   if method == 'nearest':
     return tf.cast(tf.image.resize(image, size, method=method), tf.float32)
-  if always_antialias:
-    resized = tf.image.resize(image, size, method=method, antialias=True)
-  else:
-    shrink = tf.reduce_min(tf.cast(tf.shape(image)[:2], tf.float32) / tf.cast(size, tf.float32))
-    resized = tf.cond(shrink > 2.0,
-                      lambda: tf.image.resize(image, size, method=method, antialias=True),
-                      lambda: tf.image.resize(image, size, method=method, antialias=False))
+  shrink = tf.reduce_min(tf.cast(tf.shape(image)[:2], tf.float32) / tf.cast(size, tf.float32))
+  resized = tf.cond(shrink > 2.0,
+                    lambda: tf.image.resize(image, size, method=method, antialias=True),
+                    lambda: tf.image.resize(image, size, method=method, antialias=False))
   return tf.clip_by_value(resized, 0.0, 255.0)
 
 
@@ -120,36 +118,14 @@ def decode_random_crop(image_bytes: tf.Tensor, seed: tf.Tensor, image_size: int,
     top, left, height, width = tf.unstack(window(tf.shape(image)))
     return image[top:top + height, left:left + width]
 
-  if crop not in ('square', 'random_resized'):
-    raise ValueError(f'config.data.crop: unknown training crop {crop!r}; expected square or '
-                     'random_resized')
+  if crop not in TRAIN_CROPS:
+    raise ValueError(f'config.data.crop: unknown training crop {crop!r}; expected one of '
+                     f'{", ".join(TRAIN_CROPS)}')
   cropped = tf.cond(tf.io.is_jpeg(image_bytes), jpeg, other)
   cropped.set_shape([None, None, 3])
-  resized = _resize(cropped, image_size, image_size, method, always_antialias=False)
+  resized = _resize(cropped, image_size, image_size, method)
   resized.set_shape([image_size, image_size, 3])
   return resized
-
-
-def decode_center_crop(image_bytes: tf.Tensor, image_size: int,
-                       method: str = 'bicubic') -> tf.Tensor:
-  """Encoded image -> float32 [image_size]^2 x 3 in [0, 255]: shorter side resized, centre crop.
-
-  The arithmetic is torchvision's Resize(int) + CenterCrop (open_clip's eval transform).
-  """
-  image = _decode_full(image_bytes)
-  shape = tf.shape(image)
-  height, width = shape[0], shape[1]
-  shorter = tf.cast(tf.minimum(height, width), tf.float32)
-  new_height = tf.where(height <= width, image_size,
-                        tf.cast(image_size * tf.cast(height, tf.float32) / shorter, tf.int32))
-  new_width = tf.where(width < height, image_size,
-                       tf.cast(image_size * tf.cast(width, tf.float32) / shorter, tf.int32))
-  resized = _resize(image, new_height, new_width, method)
-  top = tf.cast(tf.round(tf.cast(new_height - image_size, tf.float32) / 2.0), tf.int32)
-  left = tf.cast(tf.round(tf.cast(new_width - image_size, tf.float32) / 2.0), tf.int32)
-  cropped = resized[top:top + image_size, left:left + image_size]
-  cropped.set_shape([image_size, image_size, 3])
-  return cropped
 
 
 def normalize(image: tf.Tensor) -> tf.Tensor:

@@ -45,6 +45,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import dataclasses
+import functools
 import itertools
 import logging
 import posixpath
@@ -176,6 +177,17 @@ def host_files(files: list[str], process_index: int, process_count: int,
   return files[process_index::process_count]
 
 
+@functools.cache
+def tensorflow_on_cpu() -> None:
+  """Hides the GPUs from tensorflow, once, before its first op: the accelerators belong to
+  JAX, and tf.data needs only the CPU. Every stream calls it (through StreamControl), so
+  importing this package changes nothing."""
+  try:
+    tf.config.set_visible_devices([], 'GPU')
+  except (RuntimeError, ValueError):   # tensorflow already initialised, or built without GPUs
+    pass
+
+
 class StreamControl:
   """What a tf.data stream fed by Python readers needs from outside: faults and a stop.
 
@@ -196,6 +208,7 @@ class StreamControl:
   LOGGED_SKIPS = 5   # the first few skipped samples of a stream are logged, with where
 
   def __init__(self):
+    tensorflow_on_cpu()   # before the Variable below, tensorflow's first op
     self._lock = threading.Lock()
     self._skips_logged = 0
     self._errors: list[storage.StorageError] = []
@@ -500,13 +513,22 @@ class Source:
                        f'{builder.data_dir}); nothing is downloaded: prepare it first')
     return builder
 
-  def tfds_dataset(self, process_index: int, process_count: int) -> tuple[tf.data.Dataset, int]:
-    """This host's even share of the TFDS split as parsed samples, and its size."""
-    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  def _tfds_split_builder(self):
+    """The builder, once the split is known to be one of its splits."""
     builder = self.tfds_builder()
     if self.tfds_split not in builder.info.splits:
       raise ValueError(f'{self.name}.tfds_split: {self.tfds_split!r} not in {self.tfds_name} '
                        f'(splits: {", ".join(builder.info.splits)})')
+    return builder
+
+  def tfds_num_examples(self) -> int:
+    """The size of the TFDS split, from its metadata (nothing is read)."""
+    return int(self._tfds_split_builder().info.splits[self.tfds_split].num_examples)
+
+  def tfds_dataset(self, process_index: int, process_count: int) -> tuple[tf.data.Dataset, int]:
+    """This host's even share of the TFDS split as parsed samples, and its size."""
+    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+    builder = self._tfds_split_builder()
     split = tfds.even_splits(self.tfds_split, n=process_count)[process_index]
     features = builder.info.features
     image_key, caption_key = self.images, self.captions

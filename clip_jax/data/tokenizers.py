@@ -23,19 +23,21 @@ import html
 import importlib.util
 import os
 import re as std_re
+import threading
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 
 from clip_jax import storage
+from clip_jax.models import openai_constants as openai
 
 CLIP_BPE_FILENAME = 'bpe_simple_vocab_16e6.txt.gz'
 # Packages that ship OpenAI's merges file next to their code.
 _VOCAB_PACKAGES = ('open_clip', 'clip')
-# Merges OpenAI keeps (lines 1 .. 48894 of the file): with 512 byte tokens and the two
-# special tokens they make the 49408-id vocabulary.
-_NUM_MERGES = 49152 - 256 - 2
 _SPECIAL_TOKENS = ('<start_of_text>', '<end_of_text>')
+# Merges OpenAI keeps (lines 1 .. 48894 of the file): with the 512 byte tokens and the
+# two special tokens they make the vocabulary, the special tokens its last two ids.
+_NUM_MERGES = openai.VOCAB_SIZE - 2 * 256 - len(_SPECIAL_TOKENS)
 # Plain printable ASCII (plus tab/newline/CR) with no '&': ftfy.fix_text and
 # html.unescape leave such text unchanged, so it can skip them.
 _NEEDS_FULL_CLEAN = std_re.compile(r'[^\x20-\x25\x27-\x7e\t\n\r]')
@@ -121,7 +123,7 @@ def _as_text_list(texts: str | Iterable[Any]) -> list[str]:
 class ClipBpeTokenizer:
   """OpenAI's CLIP byte-level BPE: 49408 ids, start 49406, end 49407."""
 
-  def __init__(self, vocab_path: str | None = None, context_length: int = 77,
+  def __init__(self, vocab_path: str | None = None, context_length: int = openai.CONTEXT_LENGTH,
                max_cache_size: int = 1_000_000):
     import regex  # pylint: disable=import-outside-toplevel  (Unicode classes \p{L}, \p{N})
     if context_length < 2:
@@ -142,6 +144,7 @@ class ClipBpeTokenizer:
         regex.IGNORECASE)
     self._max_cache_size = max_cache_size
     self._cache: dict[str, tuple[int, ...]] = {}
+    self._cache_lock = threading.Lock()   # tf.data calls the tokenizer from its threads
 
   def _words(self, text: str) -> list[str]:
     """Cleaned text split into cache keys whose ids, concatenated, are the text's ids.
@@ -191,9 +194,10 @@ class ClipBpeTokenizer:
         ids = tuple(self._encoder[s] for s in self._merge(chars))
     else:
       ids = tuple(i for word in words for i in self._cache.get(word) or self._chunk_ids(word))
-    if len(self._cache) >= self._max_cache_size:
-      self._cache.clear()
-    self._cache[chunk] = ids
+    with self._cache_lock:
+      if len(self._cache) >= self._max_cache_size:
+        self._cache.clear()
+      self._cache[chunk] = ids
     return ids
 
   def encode(self, text: str) -> list[int]:
@@ -267,6 +271,40 @@ def get_tokenizer(section: Any) -> Tokenizer:
     return SentencePieceTokenizer(section.get('model_path', ''), int(section['context_length']))
   raise ValueError(f'config.data.tokenizer.type: unknown {kind!r}; expected one of '
                    f'{", ".join(TOKENIZER_TYPES)}')
+
+
+def default_tokenizer_type(model_config: Any) -> str:
+  """The tokenizer a model's text tower was made for when nothing says otherwise.
+
+  A tower with OpenAI's vocabulary size reads CLIP BPE ids; any other vocabulary (tiny's)
+  is a SentencePiece model trained on the captions.
+  """
+  return ('clip_bpe' if int(model_config['text']['vocab_size']) == openai.VOCAB_SIZE
+          else 'sentencepiece')
+
+
+def tokenizer_for(model_config: Any, section: Any = None, spec: str = '') -> Tokenizer | None:
+  """The tokenizer of a model: the one rule that training defaults, evaluation and embed follow.
+
+  `spec` (the --tokenizer flag) wins: 'clip_bpe' or a SentencePiece `.model` file. Else the
+  run's `config.data.tokenizer` section, when it names a usable tokenizer. Else CLIP BPE if
+  `default_tokenizer_type` says so, else None: the model cannot encode text without being
+  told its tokenizer. Contexts follow the model's text tower (or the section's).
+  """
+  context = int(model_config['text']['context_length'])
+  if spec == 'clip_bpe':
+    return ClipBpeTokenizer(context_length=context)
+  if spec:
+    if not storage.is_file(spec):
+      raise FileNotFoundError(f'--tokenizer: {spec!r} is neither clip_bpe nor an existing '
+                              'SentencePiece .model file')
+    return SentencePieceTokenizer(spec, context)
+  # A run whose SentencePiece model was never set has no tokenizer to offer.
+  if section and not (section.get('type') == 'sentencepiece' and not section.get('model_path')):
+    return get_tokenizer(section)
+  if default_tokenizer_type(model_config) == 'clip_bpe':
+    return ClipBpeTokenizer(context_length=context)
+  return None
 
 
 def train_sentencepiece(captions: Iterable[str], output_prefix: storage.PathLike,

@@ -68,7 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, float]:
   args = parse_args(argv)
   mesh = make_mesh()
-  loaded = load_for_evaluation(mesh, workdir=args.workdir, source=args.source,
+  loaded = load_for_evaluation(mesh, workdir=args.workdir, weights=args.source,
                                tokenizer=args.tokenizer)
   eval_config = get_config().eval
   eval_config.update(
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
   # A fixed model evaluated again (other datasets, other splits) reuses its classifiers.
   eval_config.cache_dir = str(storage.resolve(args.cache_dir) if args.cache_dir
                               else out / 'eval_cache')
-  print(f'evaluating {args.workdir or args.source} ({loaded.model_config.name}) on '
+  print(f'evaluating {args.workdir or args.source} ({loaded.config.name}) on '
         f'{args.dataset}: {", ".join(args.tasks)}, {mesh.size} device(s)')
   # The linear probe alone reads no text: it runs without a tokenizer.
   tokenizer = loaded.tokenizer if set(args.tasks) & {'zeroshot', 'retrieval'} else None

@@ -1,5 +1,5 @@
-"""Evaluation datasets: an image folder (PIL, no tensorflow), the built-in scenes, and
-TFDS or our TFRecord shards through the data pipeline (tensorflow, imported lazily).
+"""Evaluation datasets: an image folder (no tensorflow), the built-in scenes, and TFDS,
+TFRecord or tar shards read by the data pipeline (tensorflow, imported lazily).
 
 A dataset spec is a string:
   folder:PATH   (or just PATH of a directory) images in `PATH/<class_name>/*.jpg`; an
@@ -18,20 +18,23 @@ A dataset spec is a string:
                 (sizes and seeds of the three: BUILTIN_SETS)
   tfds:NAME     a TFDS dataset already under `data_dir` (nothing is downloaded); class
                 names from its `label` feature
-  shards:GLOB   TFRecord shards written by `clip_jax.data.write_tfrecord_shards`; `{split}`
-                in GLOB is replaced by the split (e.g. shards:/data/pets-{split}-*.tfrecord);
-                class names (label order, one per line) from `classnames.txt` beside them
+  shards:GLOB   TFRecord shards written by `clip_jax.data.write_tfrecord_shards`, or
+                img2dataset .tar shards when every part of GLOB ends in .tar; `{split}` in
+                GLOB is replaced by the split (e.g. shards:/data/pets-{split}-*.tfrecord);
+                labels from the `label` feature (tars: the KEY.cls member), class names
+                (label order, one per line) from `classnames.txt` beside them
 
-TFDS and shards are read by the data pipeline's eval iterator (tf.data on each host,
-the host's share of the examples, padded to equal batch counts). Their retrieval uses
-the first caption of each example, which the iterator tokenizes.
+Every set goes through `clip_jax.data.eval_input`: one decoder, resize and crop (open_clip's
+eval transform) and one host split, whatever the source. TFDS and shards are read forward
+by the data pipeline's eval iterator; their retrieval uses the first caption of each
+example, which the iterator tokenizes. `max_examples` keeps a fixed random subset of a
+folder (its listing is free) and the first examples of the other sets (a stream is not
+read past them).
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
-import io
 import json
 import os
 import posixpath
@@ -39,16 +42,14 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 from jax.sharding import Mesh
-from PIL import Image
 
 from clip_jax import storage
 from clip_jax.data import builtin
+# load_image and normalize_pixels are read from here too (embed, the notebook).
+from clip_jax.data.eval_input import (NO_LABEL, decode_images, image_pixels,  # noqa: F401
+                                      load_image, normalize_pixels)
 from clip_jax.evaluate.features import host_batch_size, host_batches
-from clip_jax.models import architectures
 
-# OpenAI's CLIP pixel statistics (RGB, on [0, 1]).
-CLIP_MEAN = np.array(architectures.CLIP_MEAN, np.float32)
-CLIP_STD = np.array(architectures.CLIP_STD, np.float32)
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff')
 CLASSNAMES_FILE = 'classnames.txt'
 
@@ -86,36 +87,6 @@ def builtin_summary(name: str) -> str | None:
                if name == builtin_name(spec, 'test')), None)
 
 
-def normalize_pixels(uint8_images: np.ndarray) -> np.ndarray:
-  """uint8 (or [0, 255] float) HWC images -> float32 with CLIP's mean and std."""
-  return ((np.asarray(uint8_images, np.float32) / 255.0) - CLIP_MEAN) / CLIP_STD
-
-
-def resize_center_crop(image: Image.Image, image_size: int) -> Image.Image:
-  """Bicubic resize of the shorter side to `image_size`, then a centred square crop.
-
-  The arithmetic follows torchvision's Resize(int) + CenterCrop, which open_clip's eval
-  transform uses, so the same file gives the same pixels in both.
-  """
-  image = image.convert('RGB')
-  width, height = image.size
-  short, long = (width, height) if width <= height else (height, width)
-  new_short, new_long = image_size, int(image_size * long / short)
-  new_w, new_h = (new_short, new_long) if width <= height else (new_long, new_short)
-  if (new_w, new_h) != (width, height):
-    image = image.resize((new_w, new_h), Image.BICUBIC)
-  top = int(round((new_h - image_size) / 2.0))
-  left = int(round((new_w - image_size) / 2.0))
-  return image.crop((left, top, left + image_size, top + image_size))
-
-
-def load_image(path: storage.PathLike, image_size: int) -> np.ndarray:
-  """One image file (local or on a bucket) as float32 [image_size, image_size, 3],
-  CLIP-normalised."""
-  with Image.open(io.BytesIO(storage.read_bytes(path))) as image:
-    return normalize_pixels(np.asarray(resize_center_crop(image, image_size)))
-
-
 @dataclasses.dataclass
 class EvalData:
   """One split of an evaluation dataset, readable in sharded global batches.
@@ -141,26 +112,14 @@ def list_images(folder: storage.PathLike) -> list[str]:
 
 def _file_batches(folder: str, files: Sequence[str], labels: np.ndarray, image_size: int,
                   skipped: list[str]) -> Callable[[int, Mesh], Iterator[dict[str, np.ndarray]]]:
-  def load_one(index: int) -> np.ndarray | None:
-    path = str(storage.join(folder, files[index]))
-    try:
-      return load_image(path, image_size)
-    except (OSError, ValueError) as error:   # a corrupt file is skipped and counted
-      skipped.append(f'{path}: {error}')
-      return None
-
   def load_rows(indices: np.ndarray) -> dict[str, np.ndarray]:
-    images = np.zeros((len(indices), image_size, image_size, 3), np.float32)
-    mask = np.ones(len(indices), bool)
-    # PIL decodes and resizes without the GIL: threads keep a host's cores busy.
-    with concurrent.futures.ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
-      for row, image in enumerate(pool.map(load_one, indices.tolist())):
-        if image is None:
-          mask[row] = False
-        else:
-          images[row] = image
-    return {'image': images, 'mask': mask, 'label': labels[indices].astype(np.int32),
-            'index': indices.astype(np.int32)}
+    paths = [str(storage.join(folder, files[i])) for i in indices]
+    images, problems = decode_images(paths, image_size, storage.read_bytes)
+    # A corrupt file is masked out and counted.
+    skipped.extend(f'{path}: {problem}' for path, problem in zip(paths, problems) if problem)
+    mask = np.array([p is None for p in problems], bool)
+    return {'image': images, 'mask': mask, 'index': indices.astype(np.int32),
+            'label': np.where(mask, labels[indices], NO_LABEL).astype(np.int32)}
 
   return lambda batch_size, mesh: host_batches(len(files), batch_size, mesh, load_rows)
 
@@ -182,7 +141,7 @@ def image_folder(folder: str, image_size: int, max_examples: int = 0, name: str 
     files = [f for f in files if '/' in f]
     labels = np.array([class_dirs.index(f.split('/')[0]) for f in files], np.int32)
   else:
-    labels = np.full(len(files), -1, np.int32)
+    labels = np.full(len(files), NO_LABEL, np.int32)
   captions = None
   captions_path = storage.join(folder, 'captions.jsonl')
   if captions_path.exists():
@@ -201,7 +160,8 @@ def image_files(folder: storage.PathLike, files: Sequence[str], image_size: int,
                 labels: np.ndarray | None = None, name: str = '') -> EvalData:
   """Images `folder/<files[i]>` as example i (label -1 unless given); unreadable files
   are masked out and listed in `skipped`."""
-  labels = np.full(len(files), -1, np.int32) if labels is None else np.asarray(labels, np.int32)
+  labels = (np.full(len(files), NO_LABEL, np.int32) if labels is None
+            else np.asarray(labels, np.int32))
   skipped: list[str] = []
   return EvalData(name=name or storage.name(folder), num_examples=len(files),
                   batches=_file_batches(folder, list(files), labels, image_size, skipped),
@@ -249,7 +209,7 @@ def builtin_scenes(split: str, image_size: int, max_examples: int = 0,
     records = builtin.retrieval_scenes(num, seed=seed, image_size=image_size)
   else:
     records = list(builtin.scenes(num, seed=seed, held_out=held_out, image_size=image_size))
-  images = normalize_pixels(np.stack([r['image'] for r in records]))
+  images = np.stack([image_pixels(r['image'], image_size) for r in records])
   labels = np.array([r['label'] for r in records], np.int32)
 
   def load_rows(indices: np.ndarray) -> dict[str, np.ndarray]:
@@ -262,70 +222,54 @@ def builtin_scenes(split: str, image_size: int, max_examples: int = 0,
                   templates=tuple(builtin.PROMPT_TEMPLATES))
 
 
-def stream_dataset(source: dict, name: str, image_size: int, max_examples: int = 0,
-                   tokenizer: Callable[[Sequence[str]], np.ndarray] | None = None) -> EvalData:
-  """TFDS or TFRecord shards through `clip_jax.data.make_eval_iterator` (tensorflow).
+# The label each kind of stream set is read from: our shards' feature, img2dataset's
+# KEY.cls member, a TFDS ClassLabel.
+STREAM_LABEL_KEYS = {'tfrecord': 'label', 'wds': 'cls', 'tfds': 'label'}
 
-  `source` holds the keys of config.data.train (source, pattern, tfds_name, ...).
-  `max_examples` is rounded up to whole global batches.
+
+def stream_dataset(section: dict, name: str, image_size: int, max_examples: int = 0,
+                   tokenizer: Callable[[Sequence[str]], np.ndarray] | None = None) -> EvalData:
+  """TFDS or shards through `clip_jax.data.make_eval_iterator` (tensorflow).
+
+  `section` holds keys of config.data.train (source, pattern, tfds_name, ...); the kind
+  is inferred from the pattern when `source` is not given. Its examples are counted here,
+  up to `max_examples` (the count is kept for the process: the batches do not recount).
   """
   from clip_jax.data import pipeline, sources   # tensorflow stays out until a stream is read
-  source = sources.Source(name=f'dataset {name!r}', **source)
+  kind = section.get('source') or sources.infer_kind(section.get('pattern', ''))
+  section = dict(section, source=kind, label_key=STREAM_LABEL_KEYS[kind])
+  source = sources.Source.from_config(section, f'dataset {name!r}')
   classnames = None
   if source.kind == 'tfds':
-    label = source.tfds_builder().info.features[source.label_key or 'label']
+    label = source.tfds_builder().info.features[source.label_key]
     classnames = [n.replace('_', ' ') for n in getattr(label, 'names', None) or []] or None
-    total = int(source.tfds_builder().info.splits[source.tfds_split].num_examples)
-  else:
-    total = None
+  num_examples = pipeline.count_examples(source, max_examples)
+  skipped: list[str] = []
 
   def batches(batch_size: int, mesh: Mesh) -> Iterator[dict[str, np.ndarray]]:
-    local = host_batch_size(batch_size, mesh)
-    iterator = pipeline.make_eval_iterator(source, batch_size=local, image_size=image_size,
-                                           tokenizer=tokenizer)
-    limit = -(-max_examples // batch_size) if max_examples else len(iterator)
-    whole = limit >= len(iterator)
-    yield from iterator if whole else iterator.take(limit)
-    if whole:   # known once the stream is exhausted: undecodable examples became padding
-      skipped.extend([f'{name}: an example that could not be decoded'] * iterator.num_skipped)
+    iterator = pipeline.make_eval_iterator(source, batch_size=host_batch_size(batch_size, mesh),
+                                           image_size=image_size, tokenizer=tokenizer,
+                                           max_examples=max_examples)
+    yield from iterator
+    skipped.extend(iterator.skipped)
 
-  skipped: list[str] = []
-  return EvalData(name=name, num_examples=total or 0, batches=batches, classnames=classnames,
+  return EvalData(name=name, num_examples=num_examples, batches=batches, classnames=classnames,
                   tokenized_captions=tokenizer is not None, skipped=skipped)
-
-
-def stream_source(spec: str, split: str, data_dir: str | None) -> dict | None:
-  """The data-pipeline source of a `tfds:` or `shards:` spec (None for the others)."""
-  kind, _, location = spec.partition(':')
-  if kind == 'tfds' and location:
-    return dict(kind='tfds', tfds_name=location, tfds_split=split, data_dir=data_dir or '',
-                label_key='label')
-  if kind == 'shards' and location:
-    return dict(kind='tfrecord', pattern=location.replace('{split}', split), label_key='label')
-  return None
 
 
 def check_readable(spec: str, *, split: str, image_size: int, data_dir: str | None,
                    mesh: Mesh, batch_size: int,
                    tokenizer: Callable[[Sequence[str]], np.ndarray] | None = None) -> None:
-  """Fails (naming what is wrong) unless the split exists and its first examples decode.
-
-  Stream sets (tfds, shards) are checked by their first decodable record, without
-  counting the split; folders and built-in sets by their first batch.
-  """
-  source = stream_source(spec, split, data_dir)
-  if source is not None:
-    from clip_jax.data import pipeline, sources  # tensorflow stays out until a stream is read
-    pipeline.check_readable(sources.Source(name=f'dataset {spec!r}', **source), 0, 1)
-    return
+  """Fails (naming what is wrong) unless the split exists and one of its first
+  `batch_size` examples decodes (streams are read no further)."""
   data = open_dataset(spec, split=split, image_size=image_size, data_dir=data_dir,
                       max_examples=batch_size, tokenizer=tokenizer)
   if data.num_examples == 0:
     raise ValueError('no example')
   first = next(iter(data.batches(batch_size, mesh)), None)
   if first is None or not np.asarray(first['mask']).any():
-    raise ValueError(f'none of the first {batch_size} examples could be read'
-                     + (f' (e.g. {data.skipped[0]})' if data.skipped else ''))
+    raise ValueError(f'no readable sample: none of the first {batch_size} examples could be '
+                     'read' + (f' (e.g. {data.skipped[0]})' if data.skipped else ''))
 
 
 def open_dataset(spec: str, *, split: str = 'test', image_size: int, data_dir: str | None = None,
@@ -344,14 +288,15 @@ def open_dataset(spec: str, *, split: str = 'test', image_size: int, data_dir: s
     folder = storage.join(location, split)
     folder = folder if folder.is_dir() else storage.resolve(location)
     return image_folder(folder, image_size, max_examples, name=storage.name(location))
-  source = stream_source(spec, split, data_dir)
-  if source is not None and kind == 'tfds':
-    return stream_dataset(source, location.split('/')[0].split(':')[0], image_size,
+  if kind == 'tfds' and location:
+    section = dict(source='tfds', tfds_name=location, tfds_split=split, data_dir=data_dir or '')
+    return stream_dataset(section, location.split('/')[0].split(':')[0], image_size,
                           max_examples, tokenizer)
-  if source is not None:
-    folder = storage.resolve(source['pattern']).parent
-    name = folder.name or 'shards'
-    data = stream_dataset(source, name, image_size, max_examples, tokenizer)
+  if kind == 'shards' and location:
+    pattern = location.replace('{split}', split)
+    folder = storage.resolve(pattern).parent
+    data = stream_dataset(dict(pattern=pattern), folder.name or 'shards', image_size,
+                          max_examples, tokenizer)
     names_file = folder / CLASSNAMES_FILE
     if storage.is_file(names_file):
       data.classnames = [line.strip() for line in storage.read_text(names_file).splitlines()

@@ -1,10 +1,10 @@
 """Feature extraction on the device mesh: sharded batches, a padded last batch, all hosts.
 
-Every host feeds its own slice of each global batch; the encoder runs under `jax.jit`
-with the batch split over the data-parallel mesh axes, and the features come back
-replicated so each host sees the whole global batch in global order. Padded rows carry
-`mask=False` and are dropped, so every sample is counted exactly once whatever the
-batch size and the number of devices or hosts.
+Every host feeds its own slice of each global batch (the split of
+`clip_jax.data.eval_input`); the encoder runs under `jax.jit` with the batch split over
+the data-parallel mesh axes, and every host gathers the features of the whole global
+batch in global order. Padded rows carry `mask=False` and are dropped, so every sample
+is counted exactly once whatever the batch size and the number of devices or hosts.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from clip_jax.data.eval_input import LoadRows, split_batches
 from clip_jax.models.clip import CLIP, l2_normalize
-from clip_jax.sharding import batch_sharding, data_parallel_size, replicated
+from clip_jax.sharding import batch_sharding, data_parallel_size
 
 # encode_fn(variables, inputs) -> features [B, E]; traced under jit.
 EncodeFn = Callable[[Any, jax.Array], jax.Array]
@@ -55,44 +56,16 @@ def fit_batch_size(batch_size: int, mesh: Mesh) -> int:
   return max(dp, -(-int(batch_size) // dp) * dp)
 
 
-def pad_batch(batch: Mapping[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
-  """Pads every array to `size` rows with zeros; `mask` marks the real rows."""
-  n = len(next(iter(batch.values())))
-  if n > size:
-    raise ValueError(f'pad_batch: batch of {n} rows is larger than the batch size {size}')
-  mask = np.asarray(batch['mask'], bool) if 'mask' in batch else np.ones(n, bool)
-  out = {}
-  for key, value in batch.items():
-    value = np.asarray(value)
-    if len(value) != n:
-      raise ValueError(f'pad_batch: {key!r} has {len(value)} rows, expected {n}')
-    padding = np.zeros((size - n,) + value.shape[1:], value.dtype)
-    out[key] = np.concatenate([value, padding])
-  out['mask'] = np.concatenate([mask, np.zeros(size - n, bool)])
-  return out
-
-
-def host_batches(num_examples: int, global_batch_size: int, mesh: Mesh,
-                 load_rows: Callable[[np.ndarray], Mapping[str, np.ndarray]]
+def host_batches(num_examples: int, global_batch_size: int, mesh: Mesh, load_rows: LoadRows
                  ) -> Iterator[dict[str, np.ndarray]]:
   """This host's padded batches over examples 0..num_examples-1 in global order.
 
-  Global batch b covers examples [b*G, (b+1)*G); host p loads its contiguous part
-  with `load_rows(indices)`. All hosts yield the same number of batches, which a
-  collective program requires.
+  The split is `clip_jax.data.eval_input`'s (host p loads the p-th contiguous part of
+  each global batch with `load_rows(indices)`); all hosts yield the same number of
+  batches, which a collective program requires.
   """
-  local = host_batch_size(global_batch_size, mesh)
-  process = jax.process_index()
-  empty = None      # zero rows of the right shapes, for a host whose slice is empty
-  for start in range(0, num_examples, global_batch_size):
-    lo = min(start + process * local, num_examples)
-    hi = min(lo + local, num_examples)
-    if hi > lo:
-      rows = dict(load_rows(np.arange(lo, hi)))
-    else:   # an all-padding batch; the shapes come from a row this host read, or row 0
-      rows = empty if empty is not None else dict(load_rows(np.arange(0, 1)))
-    empty = {k: np.asarray(v)[:0] for k, v in rows.items()}
-    yield pad_batch(rows if hi > lo else empty, local)
+  return split_batches(num_examples, host_batch_size(global_batch_size, mesh), load_rows,
+                       jax.process_index(), jax.process_count())
 
 
 def array_batches(arrays: Mapping[str, np.ndarray], global_batch_size: int, mesh: Mesh
@@ -103,17 +76,23 @@ def array_batches(arrays: Mapping[str, np.ndarray], global_batch_size: int, mesh
                       lambda idx: {k: np.asarray(v)[idx] for k, v in arrays.items()})
 
 
-@functools.lru_cache(maxsize=32)
-def _batch_encoder(encode_fn: EncodeFn, normalize: bool, mesh: Mesh
-                   ) -> Callable[[Any, jax.Array], jax.Array]:
-  """One compiled encoder per (encoder, mesh, input shape): periodic evaluations reuse it."""
+@functools.partial(jax.jit, static_argnames=('encode_fn', 'normalize'))
+def _encode(variables: Any, inputs: jax.Array, encode_fn: EncodeFn, normalize: bool) -> jax.Array:
+  """Features of one global batch, batch-sharded like `inputs`.
 
-  def encode(variables, inputs):
-    features = encode_fn(variables, inputs).astype(jnp.float32)
-    return l2_normalize(features) if normalize else features
+  Jitted once here: jax's jit cache keeps one program per (encoder, input shape and
+  sharding), so periodic evaluations reuse it, and nothing of ours holds a mesh.
+  """
+  features = encode_fn(variables, inputs).astype(jnp.float32)
+  return l2_normalize(features) if normalize else features
 
-  # Replicated output: every host reads the whole global batch, in global order.
-  return jax.jit(encode, out_shardings=replicated(mesh))
+
+def _global_rows(features: jax.Array) -> np.ndarray:
+  """All rows of a global array on every host, in global order."""
+  if features.is_fully_addressable:
+    return np.asarray(features)
+  from jax.experimental import multihost_utils   # pylint: disable=import-outside-toplevel
+  return np.asarray(multihost_utils.process_allgather(features, tiled=True))
 
 
 def _gather_hosts(local: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -135,7 +114,6 @@ def extract_features(encode_fn: EncodeFn, variables: Any,
   with every other key of the batch (labels, ids) carried along row by row. Only the
   input goes through the compiled encoder, so extra keys never cause a recompile.
   """
-  encode = _batch_encoder(encode_fn, normalize, mesh)
   chunks: dict[str, list[np.ndarray]] = {}
   for batch in batches:
     batch = dict(batch)
@@ -144,7 +122,7 @@ def extract_features(encode_fn: EncodeFn, variables: Any,
     inputs = np.asarray(batch.pop(input_key))
     global_inputs = jax.make_array_from_process_local_data(
         batch_sharding(mesh, inputs.ndim), inputs)
-    features = np.asarray(encode(variables, global_inputs).addressable_data(0))
+    features = _global_rows(_encode(variables, global_inputs, encode_fn, normalize))
     out = _gather_hosts(batch)
     keep = out.pop('mask').astype(bool)
     out['features'] = features

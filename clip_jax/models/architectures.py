@@ -2,19 +2,24 @@
 
 One source of truth: `configs/*.py`, `clip_jax.load(name)` and the converter's
 shape inference all read these entries. Each entry is a plain dict so that it
-can be printed, diffed and turned into an `ml_collections.ConfigDict`.
+can be printed, diffed and turned into an `ml_collections.ConfigDict`. The defaults
+of the model options (`ModelOptions`), the keys that fix the parameter shapes
+(`ARCHITECTURE_KEYS`) and CLIP's pixel statistics live here too; OpenAI's numbers
+(vocabulary, special tokens, temperature) in `openai_constants`.
 """
 
 from __future__ import annotations
 
 import copy
-import math
-from typing import Any
+import dataclasses
+from typing import Any, Mapping
 
 import ml_collections
 
+from clip_jax.models import openai_constants as openai
+
 # Text tower shared by all OpenAI models except for width/heads.
-_OPENAI_TEXT = dict(context_length=77, vocab_size=49408, layers=12)
+_OPENAI_TEXT = dict(context_length=openai.CONTEXT_LENGTH, vocab_size=openai.VOCAB_SIZE, layers=12)
 
 
 def _vit(embed_dim, image_size, patch_size, width, layers, text_width, text_heads):
@@ -63,20 +68,39 @@ OPENAI_NAMES = tuple(n for n in ARCHITECTURES if n != 'tiny')
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-# Options every tower honours; they do not change the parameter shapes.
-MODEL_DEFAULTS: dict[str, Any] = dict(
-    activation='quick_gelu',      # 'quick_gelu' (OpenAI weights) or 'gelu'.
-    dtype='float32',              # compute dtype; parameters stay float32.
-    remat_policy='none',          # 'none' | 'full' | 'dots' | 'dots_no_batch' | 'save_attn_out'.
-    scan_layers=False,            # nn.scan over transformer blocks (faster compile).
-    attention_impl='xla',         # 'xla' (einsum-softmax, layers.attention) | 'cudnn' | None.
-    logit_scale_init=math.log(1 / 0.07),
-    logit_scale_max=math.log(100.0),
-    # Text features at the end-of-text token: 'argmax' (OpenAI: EOT has the
-    # largest id) or 'eot_id' (first position of `text.eot_token_id`).
-    text_pool='argmax',
-    eot_token_id=49407,
-)
+# Fields of a model config that fix the parameter shapes: a checkpoint is refused by a
+# config that differs in them, and `clip_jax.load` cannot override them.
+ARCHITECTURE_KEYS = ('name', 'embed_dim', 'vision', 'text')
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelOptions:
+  """Options every tower honours; they do not change the parameter shapes.
+
+  The field defaults are the one statement of each option's default: `model_config`
+  writes them into every config, and `build_model` fills a config that lacks one
+  (an older config.json) from here.
+  """
+  activation: str = 'quick_gelu'      # 'quick_gelu' (OpenAI weights) or 'gelu'.
+  dtype: str = 'float32'              # compute dtype; parameters stay float32.
+  remat_policy: str = 'none'          # 'none' | 'full' | 'dots' | 'dots_no_batch' |
+                                      # 'save_attn_out'.
+  scan_layers: bool = False           # nn.scan over transformer blocks (faster compile).
+  attention_impl: str | None = 'xla'  # 'xla' (einsum-softmax, layers.attention) | 'cudnn' | None.
+  logit_scale_init: float = openai.LOGIT_SCALE_INIT
+  logit_scale_max: float = openai.LOGIT_SCALE_MAX
+  # Text features at the end-of-text token: 'argmax' (OpenAI: EOT has the
+  # largest id) or 'eot_id' (first position of `eot_token_id`).
+  text_pool: str = 'argmax'
+  eot_token_id: int = openai.EOT_TOKEN_ID
+
+  @classmethod
+  def from_config(cls, cfg: Mapping[str, Any]) -> ModelOptions:
+    """The options a model config sets, the defaults for those it does not."""
+    return cls(**{f.name: cfg[f.name] for f in dataclasses.fields(cls) if f.name in cfg})
+
+
+MODEL_DEFAULTS: dict[str, Any] = dataclasses.asdict(ModelOptions())
 
 # A name users may type for an architecture, and the file-friendly alias.
 _ALIASES = {n.lower().replace('/', '').replace('-', '').replace('@', '_'): n for n in ARCHITECTURES}

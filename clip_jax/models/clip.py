@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from clip_jax.models.architectures import ModelOptions
 from clip_jax.models.layers import ACTIVATIONS, REMAT_POLICIES, Dtype, logical
 from clip_jax.models.resnet import ModifiedResNet
 from clip_jax.models.text import TextTransformer
@@ -88,31 +89,31 @@ def validate_model_config(cfg: ml_collections.ConfigDict | Mapping[str, Any]) ->
       _fail(f'text.{key}', 'missing')
   if text['width'] % text['heads']:
     _fail('text.heads', f"{text['heads']} does not divide text.width {text['width']}")
-  if cfg.get('activation', 'quick_gelu') not in ACTIVATIONS:
-    _fail('activation', f"unknown {cfg['activation']!r}; expected one of {list(ACTIVATIONS)}")
-  if cfg.get('dtype', 'float32') not in DTYPES:
-    _fail('dtype', f"unknown {cfg['dtype']!r}; expected one of {list(DTYPES)}")
-  if cfg.get('remat_policy', 'none') not in REMAT_POLICIES:
-    _fail('remat_policy', f"unknown {cfg['remat_policy']!r}; expected one of "
+  options = ModelOptions.from_config(cfg)
+  if options.activation not in ACTIVATIONS:
+    _fail('activation', f"unknown {options.activation!r}; expected one of {list(ACTIVATIONS)}")
+  if options.dtype not in DTYPES:
+    _fail('dtype', f"unknown {options.dtype!r}; expected one of {list(DTYPES)}")
+  if options.remat_policy not in REMAT_POLICIES:
+    _fail('remat_policy', f"unknown {options.remat_policy!r}; expected one of "
           f'{list(REMAT_POLICIES)}')
-  if cfg.get('text_pool', 'argmax') not in ('argmax', 'eot_id'):
-    _fail('text_pool', f"unknown {cfg['text_pool']!r}; expected 'argmax' or 'eot_id'")
+  if options.text_pool not in ('argmax', 'eot_id'):
+    _fail('text_pool', f"unknown {options.text_pool!r}; expected 'argmax' or 'eot_id'")
 
 
 def build_model(cfg: ml_collections.ConfigDict | Mapping[str, Any]) -> CLIP:
   """A CLIP module from a model config (see `clip_jax.models.architectures`)."""
   validate_model_config(cfg)
-  get = lambda key, default: cfg.get(key, default)
-  dtype: Dtype = DTYPES[get('dtype', 'float32')]
-  common = dict(dtype=dtype, remat_policy=get('remat_policy', 'none'),
-                attention_impl=get('attention_impl', 'xla'))
+  options = ModelOptions.from_config(cfg)
+  dtype: Dtype = DTYPES[options.dtype]
+  common = dict(dtype=dtype, remat_policy=options.remat_policy,
+                attention_impl=options.attention_impl)
   v, t = cfg['vision'], cfg['text']
   if v['type'] == 'vit':
     vision = VisionTransformer(
         image_size=v['image_size'], patch_size=v['patch_size'], width=v['width'],
         layers=v['layers'], heads=v['heads'], output_dim=cfg['embed_dim'],
-        activation=get('activation', 'quick_gelu'), scan_layers=get('scan_layers', False),
-        **common)
+        activation=options.activation, scan_layers=options.scan_layers, **common)
   else:
     vision = ModifiedResNet(
         image_size=v['image_size'], layers=tuple(v['layers']), width=v['width'],
@@ -120,9 +121,9 @@ def build_model(cfg: ml_collections.ConfigDict | Mapping[str, Any]) -> CLIP:
   text = TextTransformer(
       context_length=t['context_length'], vocab_size=t['vocab_size'], width=t['width'],
       layers=t['layers'], heads=t['heads'], output_dim=cfg['embed_dim'],
-      activation=get('activation', 'quick_gelu'), scan_layers=get('scan_layers', False),
-      text_pool=get('text_pool', 'argmax'), eot_token_id=get('eot_token_id', 49407), **common)
-  return CLIP(visual=vision, text=text, logit_scale_init=get('logit_scale_init', 2.659260036932778))
+      activation=options.activation, scan_layers=options.scan_layers,
+      text_pool=options.text_pool, eot_token_id=options.eot_token_id, **common)
+  return CLIP(visual=vision, text=text, logit_scale_init=options.logit_scale_init)
 
 
 def dummy_inputs(cfg: ml_collections.ConfigDict | Mapping[str, Any], batch: int = 1

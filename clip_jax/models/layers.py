@@ -130,6 +130,16 @@ class _Weights(nn.Module):
     return kernel, bias
 
 
+class TransformerTower(nn.Module):
+  """The model options a transformer tower (image or text) takes, all set by build_model
+  from clip_jax.models.architectures.ModelOptions."""
+  activation: str
+  dtype: Dtype
+  remat_policy: str
+  scan_layers: bool
+  attention_impl: str | None
+
+
 class MultiHeadAttention(nn.Module):
   """Self-attention with one fused q/k/v projection.
 

@@ -42,8 +42,8 @@ def _avg_pool(x: jax.Array, stride: int) -> jax.Array:
 
 class Bottleneck(nn.Module):
   planes: int
-  stride: int = 1
-  dtype: Dtype = jnp.float32
+  stride: int
+  dtype: Dtype
   expansion = 4
 
   @nn.compact
@@ -67,8 +67,8 @@ class AttentionPool2d(nn.Module):
   spatial_dim: int
   heads: int
   output_dim: int
-  dtype: Dtype = jnp.float32
-  attention_impl: str | None = 'xla'
+  dtype: Dtype
+  attention_impl: str | None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -85,14 +85,16 @@ class AttentionPool2d(nn.Module):
                       kernel_init=logical(normal(std), (in_axis, out_axis)),
                       bias_init=logical(nn.initializers.zeros, (out_axis,)))
 
+    # The q/k/v outputs and c_proj's input are (heads, head_dim) merged heads-major, so
+    # they carry the logical axis 'heads': a tensor-parallel split of it splits the heads.
     head_dim = channels // self.heads
     split = lambda t: t.reshape(batch, t.shape[1], self.heads, head_dim)
-    q = split(dense(channels, 'q_proj', 'embed', 'mlp')(x[:, :1]))
-    k = split(dense(channels, 'k_proj', 'embed', 'mlp')(x))
-    v = split(dense(channels, 'v_proj', 'embed', 'mlp')(x))
+    q = split(dense(channels, 'q_proj', 'embed', 'heads')(x[:, :1]))
+    k = split(dense(channels, 'k_proj', 'embed', 'heads')(x))
+    v = split(dense(channels, 'v_proj', 'embed', 'heads')(x))
     out = attention(q, k, v, causal=False, impl=self.attention_impl)
     out = out.reshape(batch, channels)
-    return dense(self.output_dim, 'c_proj', 'mlp', 'proj')(out)
+    return dense(self.output_dim, 'c_proj', 'heads', 'proj')(out)
 
 
 class ModifiedResNet(nn.Module):
@@ -101,9 +103,10 @@ class ModifiedResNet(nn.Module):
   width: int
   heads: int
   output_dim: int
-  dtype: Dtype = jnp.float32
-  remat_policy: str = 'none'
-  attention_impl: str | None = 'xla'
+  # Model options (clip_jax.models.architectures.ModelOptions), all set by build_model.
+  dtype: Dtype
+  remat_policy: str
+  attention_impl: str | None
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:

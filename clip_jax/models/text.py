@@ -6,7 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from clip_jax.models.layers import Dtype, Transformer, layer_norm, logical, normal
+from clip_jax.models.layers import Transformer, TransformerTower, layer_norm, logical, normal
 
 
 def eot_positions(tokens: jax.Array, pool: str, eot_token_id: int) -> jax.Array:
@@ -23,20 +23,16 @@ def eot_positions(tokens: jax.Array, pool: str, eot_token_id: int) -> jax.Array:
   return jnp.where(is_eot.any(axis=-1), first, tokens.shape[-1] - 1)
 
 
-class TextTransformer(nn.Module):
+class TextTransformer(TransformerTower):
+  """Token + position embeddings -> causal blocks -> ln_final -> features at the EOT token."""
   context_length: int
   vocab_size: int
   width: int
   layers: int
   heads: int
   output_dim: int
-  activation: str = 'quick_gelu'
-  dtype: Dtype = jnp.float32
-  remat_policy: str = 'none'
-  scan_layers: bool = False
-  attention_impl: str | None = 'xla'
-  text_pool: str = 'argmax'
-  eot_token_id: int = 49407
+  text_pool: str
+  eot_token_id: int
 
   @nn.compact
   def __call__(self, tokens: jax.Array) -> jax.Array:

@@ -6,7 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from clip_jax.models.layers import Dtype, Transformer, layer_norm, logical, normal
+from clip_jax.models.layers import Dtype, Transformer, TransformerTower, layer_norm, logical, normal
 
 
 class PatchEmbedding(nn.Module):
@@ -21,7 +21,7 @@ class PatchEmbedding(nn.Module):
   """
   patch_size: int
   width: int
-  dtype: Dtype = jnp.float32
+  dtype: Dtype
 
   @nn.compact
   def __call__(self, images: jax.Array) -> jax.Array:
@@ -38,7 +38,7 @@ class PatchEmbedding(nn.Module):
                    kernel.reshape(p * p * channels, self.width).astype(self.dtype))
 
 
-class VisionTransformer(nn.Module):
+class VisionTransformer(TransformerTower):
   """Patch conv (no bias) -> [class; patches] + pos -> ln_pre -> blocks -> ln_post(class) -> proj."""
   image_size: int
   patch_size: int
@@ -46,11 +46,6 @@ class VisionTransformer(nn.Module):
   layers: int
   heads: int
   output_dim: int
-  activation: str = 'quick_gelu'
-  dtype: Dtype = jnp.float32
-  remat_policy: str = 'none'
-  scan_layers: bool = False
-  attention_impl: str | None = 'xla'
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:

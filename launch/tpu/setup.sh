@@ -20,9 +20,13 @@ setup_workers() {
     # git's own list (tracked + untracked, less what .gitignore names): a virtual
     # environment or a workdir inside the checkout (gigabytes) is never shipped.
     # tar's --exclude-vcs-ignores does not understand patterns such as '/.venv/'.
-    local files="${TMPDIR:-/tmp}/clip_jax_${TPU_NAME}.files"
+    # The checkout as it is now is what runs: a tracked file deleted but not yet
+    # committed is left out (tar would stop on it).
+    local files="${TMPDIR:-/tmp}/clip_jax_${TPU_NAME}.files" path
     if [[ "${DRY_RUN}" != 1 ]]; then
-      git -C "${REPO_DIR}" ls-files -z --cached --others --exclude-standard >"${files}"
+      while IFS= read -r -d '' path; do
+        if [[ -e "${REPO_DIR}/${path}" ]]; then printf '%s\0' "${path}"; fi
+      done < <(git -C "${REPO_DIR}" ls-files -z --cached --others --exclude-standard) >"${files}"
     fi
     run tar -czf "${archive}" -C "${REPO_DIR}" --null -T "${files}"
   else

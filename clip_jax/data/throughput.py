@@ -1,7 +1,7 @@
 r"""Input pipeline throughput: decode + crop + normalise + tokenize, per CPU core.
 
-  python -m clip_jax.data.benchmark                    # makes its own JPEG shards in a temp dir
-  python -m clip_jax.data.benchmark --pattern 'gs://bucket/shards/{00000..00009}.tar' --source wds
+  python -m clip_jax.data.throughput                   # makes its own JPEG shards in a temp dir
+  python -m clip_jax.data.throughput --pattern 'gs://bucket/shards/{00000..00009}.tar' --source wds
 
 With no `--pattern` it draws `--num_images` real photo-like JPEGs (shapes, blur, texture
 noise; quality 90) with captions of 5-25 words into TFRecord shards, sized as
@@ -11,7 +11,8 @@ other shorter sides, e.g. 320-640 for raw web images), then runs the training st
 bicubic resize to --image_size, CLIP normalisation, CLIP BPE tokenization, batching)
 on --threads cores and prints `N images/s per core`: images per CPU-second the process
 used (all its threads), so a busy shared machine does not understate it; the wall-clock
-rate is printed too. It also prints the tokenizer's speed alone on one core.
+rate is printed too. It also prints the tokenizer's speed alone on one core. (The train
+step on the accelerators is timed by `python -m clip_jax.benchmark`.)
 """
 
 from __future__ import annotations
@@ -60,9 +61,9 @@ def random_size(rng: np.random.Generator, min_side: int, max_side: int) -> tuple
   return (shorter, longer) if rng.random() < 0.5 else (longer, shorter)
 
 
-def write_benchmark_shards(folder: str, num_images: int, min_side: int, max_side: int,
+def write_photo_shards(folder: str, num_images: int, min_side: int, max_side: int,
                            num_shards: int = 8) -> str:
-  """Real JPEG shards for the benchmark; returns their glob pattern."""
+  """Real JPEG shards to read; returns their glob pattern."""
   from clip_jax.data.shards import write_tfrecord_shards  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(0)
   records = (dict(image=make_photo(rng, *random_size(rng, min_side, max_side)),
@@ -88,10 +89,11 @@ def tokenizer_speed(tokenizer, num_captions: int = 50_000) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog='python -m clip_jax.data.benchmark',
+  parser = argparse.ArgumentParser(prog='python -m clip_jax.data.throughput',
                                    description=__doc__.split('\n\n')[0].strip())
   parser.add_argument('--pattern', default='', help='existing shards (default: make them)')
-  parser.add_argument('--source', default='tfrecord', choices=('tfrecord', 'wds'))
+  parser.add_argument('--source', default='tfrecord', choices=('tfrecord', 'wds'),
+                      help='data kind of --pattern, as config.data.train.source')
   parser.add_argument('--num_images', type=int, default=768)
   parser.add_argument('--min_side', type=int, default=256, help='shorter side of the images')
   parser.add_argument('--max_side', type=int, default=256)
@@ -113,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     pattern = args.pattern
     if not pattern:
       start = time.perf_counter()
-      pattern = write_benchmark_shards(folder, args.num_images, args.min_side, args.max_side)
+      pattern = write_photo_shards(folder, args.num_images, args.min_side, args.max_side)
       size = glob_size(pattern)
       print(f'wrote {args.num_images} JPEGs (shorter side {args.min_side}-{args.max_side} px, '
             f'{size / args.num_images / 1024:.0f} KiB each on average) to {folder} in '
