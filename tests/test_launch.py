@@ -9,6 +9,7 @@ import shlex
 import stat
 import subprocess
 import sys
+import tarfile
 import time
 
 import pytest
@@ -102,6 +103,24 @@ def test_setup_copies_the_checkout_and_installs_on_every_worker(tmp_path):
   assert "pip install -q -e ~/clip_jax 'jax[tpu]'" in remote
   assert 'tar -xzf ~/clip_jax.tar.gz' in remote
   assert not (tmp_path / 'clip_jax_pod.tar.gz').exists()   # a dry run writes nothing
+
+
+def test_setup_ships_the_checkout_as_it_is_now(tmp_path):
+  """git's list, less tracked files deleted but not committed (tar would stop on them),
+  plus untracked files that .gitignore does not name; never an ignored .venv."""
+  checkout = tmp_path / 'clip_jax'
+  subprocess.run(['git', 'clone', '-q', str(REPO), str(checkout)], check=True, timeout=120)
+  (checkout / 'README.md').unlink()
+  (checkout / 'my_notes.txt').write_text('untracked, not ignored\n')
+  (checkout / '.venv').mkdir()
+  (checkout / '.venv' / 'big').write_text('ignored\n')
+  env, log = _fake_gcloud(tmp_path, states=[], jobs=[])
+  _run(checkout / 'launch' / 'tpu' / 'setup.sh', *ZONE_FLAGS, env=env)
+  with tarfile.open(tmp_path / 'clip_jax_pod.tar.gz') as archive:
+    names = set(archive.getnames())
+  assert 'my_notes.txt' in names and 'clip_jax/train.py' in names
+  assert 'README.md' not in names and not any(n.startswith('.venv') for n in names)
+  assert [' '.join(c[2:4]) for c in _calls(log)] == ['tpu-vm scp', 'tpu-vm ssh']
 
 
 def _train_args(ssh_command):
