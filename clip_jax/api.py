@@ -23,7 +23,7 @@ from clip_jax import storage
 from clip_jax.models import build_model, init_variables, model_config
 from clip_jax.models.architectures import (ARCHITECTURE_KEYS, ARCHITECTURES, CLIP_MEAN, CLIP_STD,
                                            ModelOptions, canonical_name)
-from clip_jax.models.clip import CLIP
+from clip_jax.models.clip import CLIP, TowerEncoder
 
 
 @dataclasses.dataclass
@@ -80,11 +80,11 @@ class ClipModel:
 
   @functools.cached_property
   def _encode_image(self):
-    return jax.jit(lambda v, x: self.module.apply(v, x, method=CLIP.encode_image))
+    return jax.jit(TowerEncoder(self.module, 'image'))
 
   @functools.cached_property
   def _encode_text(self):
-    return jax.jit(lambda v, t: self.module.apply(v, t, method=CLIP.encode_text))
+    return jax.jit(TowerEncoder(self.module, 'text'))
 
   def encode_image(self, pixels: Any) -> jax.Array:
     """Unnormalised image features [N, embed_dim] from CLIP-normalised NHWC pixels."""

@@ -9,7 +9,6 @@ is counted exactly once whatever the batch size and the number of devices or hos
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
@@ -19,25 +18,11 @@ import numpy as np
 from jax.sharding import Mesh
 
 from clip_jax.data.eval_input import LoadRows, split_batches
-from clip_jax.models.clip import CLIP, l2_normalize
+from clip_jax.models.clip import TowerEncoder, l2_normalize
 from clip_jax.sharding import batch_sharding, data_parallel_size
 
 # encode_fn(variables, inputs) -> features [B, E]; traced under jit.
 EncodeFn = Callable[[Any, jax.Array], jax.Array]
-
-
-@dataclasses.dataclass(frozen=True)
-class TowerEncoder:
-  """`encode_fn` for one tower of a CLIP module; hashable so compiled code is reused."""
-  model: CLIP
-  tower: str    # 'image' or 'text'
-
-  def __call__(self, variables: Any, inputs: jax.Array) -> jax.Array:
-    if self.tower == 'image':
-      return self.model.apply(variables, inputs, method=CLIP.encode_image)
-    if self.tower == 'text':
-      return self.model.apply(variables, inputs, method=CLIP.encode_text)
-    raise ValueError(f"TowerEncoder.tower: expected 'image' or 'text', got {self.tower!r}")
 
 
 def host_batch_size(global_batch_size: int, mesh: Mesh) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -99,6 +100,20 @@ def validate_model_config(cfg: ml_collections.ConfigDict | Mapping[str, Any]) ->
           f'{list(REMAT_POLICIES)}')
   if options.text_pool not in ('argmax', 'eot_id'):
     _fail('text_pool', f"unknown {options.text_pool!r}; expected 'argmax' or 'eot_id'")
+
+
+@dataclasses.dataclass(frozen=True)
+class TowerEncoder:
+  """`encode_fn` for one tower of a CLIP module; hashable so compiled code is reused."""
+  model: CLIP
+  tower: str    # 'image' or 'text'
+
+  def __call__(self, variables: Any, inputs: jax.Array) -> jax.Array:
+    if self.tower == 'image':
+      return self.model.apply(variables, inputs, method=CLIP.encode_image)
+    if self.tower == 'text':
+      return self.model.apply(variables, inputs, method=CLIP.encode_text)
+    raise ValueError(f"TowerEncoder.tower: expected 'image' or 'text', got {self.tower!r}")
 
 
 def build_model(cfg: ml_collections.ConfigDict | Mapping[str, Any]) -> CLIP:
