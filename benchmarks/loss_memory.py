@@ -1,4 +1,5 @@
-r"""Per-device temporary memory of the contrastive loss, forward + backward: gather vs ring.
+r"""Per-device temporary memory of the contrastive losses, forward + backward: gather vs ring,
+softmax (CLIP) and sigmoid (SigLIP).
 
   python benchmarks/loss_memory.py                       # both tables below (CPU is enough)
   python benchmarks/loss_memory.py --devices=8 --batches=4096,16384,65536 --dim=512
@@ -10,7 +11,7 @@ buffers the program needs besides its inputs and outputs) is printed.
 
 Table 1: 8 devices, global batch 4k / 16k / 64k (per-device batch grows with it).
 Table 2: per-device batch fixed (512), devices 8 / 32 / 128, so the global batch is again
-4k / 16k / 64k: the all-gather loss grows with the global batch, the ring loss stays flat.
+4k / 16k / 64k: the all-gather losses grow with the global batch, the ring losses stay flat.
 Each device count needs its own process (XLA fixes the device count at start-up), so
 the script runs itself once per count.
 """
@@ -24,7 +25,8 @@ import subprocess
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VARIANTS = {'gather': 'softmax', 'ring': 'ring'}
+VARIANTS = {'gather': 'softmax', 'ring': 'ring', 'gather sigmoid': 'sigmoid',
+            'ring sigmoid': 'ring_sigmoid'}     # row label: config.loss.name
 
 
 def measure(devices: int, batches: list[int], dim: int) -> list[dict]:
@@ -44,12 +46,19 @@ def measure(devices: int, batches: list[int], dim: int) -> list[dict]:
   mesh = make_mesh((devices, 1, 1))
   rows = []
   for variant, name in VARIANTS.items():
-    loss = losses.make_loss(ml_collections.ConfigDict(dict(name=name)), mesh)
-    fn = jax.jit(jax.value_and_grad(lambda x, y, s: loss(x, y, s, {})[0], argnums=(0, 1, 2)))
+    config = ml_collections.ConfigDict(dict(name=name, sigmoid_bias_init=-10.0))
+    loss = losses.make_loss(config, mesh)
+    # Gradients w.r.t. both feature matrices, the temperature and the loss's own
+    # parameters (the sigmoid losses' bias).
+    fn = jax.jit(jax.value_and_grad(lambda x, y, s, p: loss(x, y, s, p)[0],
+                                    argnums=(0, 1, 2, 3)))
+    params = jax.tree.map(
+        lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=replicated(mesh)),
+        losses.init_loss_params(config))
     for batch in batches:
       features = jax.ShapeDtypeStruct((batch, dim), jnp.float32, sharding=batch_sharding(mesh, 2))
       scale = jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated(mesh))
-      memory = fn.lower(features, features, scale).compile().memory_analysis()
+      memory = fn.lower(features, features, scale, params).compile().memory_analysis()
       rows.append(dict(variant=variant, devices=devices, global_batch=batch,
                        local_batch=batch // devices, dim=dim,
                        temp_mib=memory.temp_size_in_bytes / 2 ** 20))
@@ -95,7 +104,8 @@ def main(argv: list[str] | None = None) -> None:
   table2 = []
   for count in (int(c) for c in args.device_counts.split(',')):
     table2 += [r for r in _in_subprocess(count, [count * args.local_batch], args.dim)]
-  table2.sort(key=lambda r: (r['variant'], r['devices']))
+  order = list(VARIANTS)
+  table2.sort(key=lambda r: (order.index(r['variant']), r['devices']))
   print(_table(f'Loss forward+backward, 8 devices, embedding width {args.dim}:', table1))
   print()
   print(_table(f'Fixed per-device batch {args.local_batch}, embedding width {args.dim}:',

@@ -8,6 +8,11 @@ device-resident batches after warm-up (`--pipeline` feeds it from the real input
 pipeline instead, which needs tensorflow and `config.data`). Prints a table, then
 one JSON line; `--output=FILE` also writes the JSON.
 
+The step is that of the first stage of `config.train.stages` (by default the model's
+own settings); `--mask_ratio` (FLIP patch masking), `--image_size` and `--text_length`
+(CLIPA's reduced stages) replace its settings, e.g. `--mask_ratio=0.5` or
+`--image_size=112 --text_length=32`.
+
 Model FLOPs, XLA's count and the peak behind MFU come from `clip_jax.flops`, which the
 trainer's logged MFU uses too; on CPU, where no published peak applies, the peak is
 measured with a large jitted matmul. The input pipeline alone is measured by
@@ -28,6 +33,7 @@ from typing import Any, Mapping, Sequence
 import jax
 import numpy as np
 
+from clip_jax import config as config_lib
 from clip_jax import sharding, train_step
 from clip_jax.flops import measure_matmul_peak, model_flops, peak_flops, xla_flops
 from clip_jax.models.clip import build_model
@@ -68,14 +74,34 @@ class StepSetup:
   batch: dict[str, jax.Array]
   mesh: Any                  # sharding.MeshLayout
   global_batch: int
+  stage: config_lib.Stage    # the mask ratio, image size and text length it runs at
 
 
-def synthetic_batch(model_config: Mapping[str, Any], global_batch: int, seed: int = 0
+def benchmark_stage(config: Any, mask_ratio: float | None = None, image_size: int | None = None,
+                    text_length: int | None = None) -> config_lib.Stage:
+  """The first stage of config.train.stages with the given settings replaced, validated
+  as the trainer validates a stage."""
+  first = config_lib.training_stages(config)[0]
+  stage = config_lib.Stage(
+      config.total_steps, first.mask_ratio if mask_ratio is None else mask_ratio,
+      first.image_size if image_size is None else image_size,
+      first.text_length if text_length is None else text_length)
+  config.train.stages = ((stage.until_step, stage.mask_ratio, stage.image_size,
+                          stage.text_length),)
+  try:
+    return config_lib.training_stages(config)[0]
+  except ValueError as error:
+    raise ValueError(f'--mask_ratio / --image_size / --text_length: {error}') from error
+
+
+def synthetic_batch(model_config: Mapping[str, Any], global_batch: int, seed: int = 0,
+                    image_size: int | None = None, text_length: int | None = None
                     ) -> dict[str, np.ndarray]:
-  """Random CLIP-normalised images and token ids (with an EOT in every row)."""
+  """Random CLIP-normalised images and token ids (with an EOT in every row), at the
+  model's image size and context length unless others are given."""
   rng = np.random.default_rng(seed)
-  size = model_config['vision']['image_size']
-  context = model_config['text']['context_length']
+  size = image_size or model_config['vision']['image_size']
+  context = text_length or model_config['text']['context_length']
   vocab = model_config['text']['vocab_size']
   images = rng.standard_normal((global_batch, size, size, 3), dtype=np.float32)
   texts = rng.integers(1, vocab - 1, (global_batch, context), dtype=np.int32)
@@ -83,32 +109,41 @@ def synthetic_batch(model_config: Mapping[str, Any], global_batch: int, seed: in
   return {'image': images, 'text': texts}
 
 
-def setup_step(config: Any, batch_per_device: int) -> StepSetup:
-  """Mesh from `config.mesh`, sharded state, jitted step and a device-resident batch."""
+def setup_step(config: Any, batch_per_device: int, stage: config_lib.Stage | None = None
+               ) -> StepSetup:
+  """Mesh from `config.mesh`, sharded state, the trainer's jitted step for `stage`
+  (default: `benchmark_stage(config)`) and a device-resident batch at its sizes."""
+  stage = benchmark_stage(config) if stage is None else stage
   mesh = sharding.layout_from_config(config.mesh)
   global_batch = batch_per_device * sharding.data_parallel_size(mesh)
   config.batch_size = global_batch
   model = build_model(config.model)
   state, shardings = train_step.create_train_state(config, model, mesh,
                                                    jax.random.key(config.seed))
-  step = train_step.make_train_step(config, model, mesh, shardings)
-  host = synthetic_batch(config.model, global_batch, config.seed)
+  step = train_step.make_train_step(config, model, mesh, shardings,
+                                    mask_ratio=stage.mask_ratio)
+  host = synthetic_batch(config.model, global_batch, config.seed, stage.image_size,
+                         stage.text_length)
   batch = {k: jax.device_put(v, sharding.batch_sharding(mesh, v.ndim)) for k, v in host.items()}
-  return StepSetup(step, state, batch, mesh, global_batch)
+  return StepSetup(step, state, batch, mesh, global_batch, stage)
 
 
-def _pipeline_batches(config: Any, mesh: Any):
-  """Global batches from the real input pipeline (imports tensorflow)."""
+def _pipeline_batches(config: Any, mesh: Any, stage: config_lib.Stage):
+  """Global batches from the real input pipeline at the stage's sizes (imports tensorflow)."""
   from clip_jax import data  # pylint: disable=import-outside-toplevel
-  iterator = data.make_train_iterator(config)
+  iterator = data.make_train_iterator(config, image_size=stage.image_size,
+                                      text_length=stage.text_length)
   for batch in data.prefetch_to_mesh(iterator, mesh):
     yield {key: batch[key] for key in ('image', 'text')}   # the compiled step's inputs
 
 
 def run_benchmark(config: Any, batch_per_device: int, steps: int = 10, warmup: int = 2,
-                  pipeline: bool = False, measure_cpu_peak: bool = True) -> dict[str, Any]:
-  """Compiles and times the train step; returns the figures as a JSON-ready dict."""
-  setup = setup_step(config, batch_per_device)
+                  pipeline: bool = False, measure_cpu_peak: bool = True,
+                  stage: config_lib.Stage | None = None) -> dict[str, Any]:
+  """Compiles and times the train step of `stage` (default: `benchmark_stage(config)`);
+  returns the figures as a JSON-ready dict."""
+  setup = setup_step(config, batch_per_device, stage)
+  stage = setup.stage
   device = setup.mesh.mesh.devices.flat[0]
   num_devices = setup.mesh.mesh.devices.size
 
@@ -116,7 +151,7 @@ def run_benchmark(config: Any, batch_per_device: int, steps: int = 10, warmup: i
   compiled = setup.step.lower(setup.state, setup.batch).compile()
   compile_s = time.perf_counter() - start
 
-  batches = _pipeline_batches(config, setup.mesh) if pipeline else None
+  batches = _pipeline_batches(config, setup.mesh, stage) if pipeline else None
   next_batch = (lambda: next(batches)) if pipeline else (lambda: setup.batch)
   state = setup.state
   times = []
@@ -130,7 +165,8 @@ def run_benchmark(config: Any, batch_per_device: int, steps: int = 10, warmup: i
   loss = float(metrics['loss'])
 
   median = statistics.median(times)
-  flops = model_flops(config.model, setup.global_batch)
+  flops = model_flops(config.model, setup.global_batch, mask_ratio=stage.mask_ratio,
+                      image_size=stage.image_size, text_length=stage.text_length)
   xla_per_device = xla_flops(compiled)
   dtype = str(config.model.get('dtype', 'float32'))
   peak = peak_flops(device, dtype)
@@ -143,6 +179,8 @@ def run_benchmark(config: Any, batch_per_device: int, steps: int = 10, warmup: i
       'remat_policy': config.model.get('remat_policy', 'none'),
       'scan_layers': bool(config.model.get('scan_layers', False)),
       'attention_impl': config.model.get('attention_impl', 'xla'),
+      'mask_ratio': stage.mask_ratio, 'image_size': stage.image_size,
+      'text_length': stage.text_length,
       'loss': config.loss.name, 'device_kind': device.device_kind,
       'platform': device.platform, 'num_devices': num_devices,
       'batch_per_device': batch_per_device, 'global_batch': setup.global_batch,
@@ -175,6 +213,8 @@ def format_table(result: Mapping[str, Any]) -> str:
   rows = [
       ('model', f"{result['model']} ({result['dtype']}, remat={result['remat_policy']}, "
                 f"scan={result['scan_layers']}, attention={result['attention_impl']})"),
+      ('stage', f"mask {result['mask_ratio']}, {result['image_size']} px, "
+                f"{result['text_length']} tokens"),
       ('devices', f"{result['num_devices']} x {result['device_kind']}"),
       ('batch', f"{result['batch_per_device']}/device, {result['global_batch']} global, "
                 f"{result['input']}"),
@@ -197,12 +237,21 @@ def format_table(result: Mapping[str, Any]) -> str:
   return '\n'.join(f'{k:18s} {v}' for k, v in rows)
 
 
+STAGE_FLAGS = ('mask_ratio', 'image_size', 'text_length')   # as benchmark_stage's arguments
+
+
+def stage_from_flags(config: Any, values: Any) -> config_lib.Stage:
+  """The stage the flags ask for; a negative flag (the default) keeps the config's."""
+  return benchmark_stage(config, *(None if values[name].value < 0 else values[name].value
+                                   for name in STAGE_FLAGS))
+
+
 def main(argv: Sequence[str]) -> None:
   from absl import flags  # pylint: disable=import-outside-toplevel
   del argv
-  cfg = flags.FLAGS.config
-  result = run_benchmark(cfg, flags.FLAGS.batch_per_device, flags.FLAGS.steps,
-                         flags.FLAGS.warmup, flags.FLAGS.pipeline)
+  cfg, given = flags.FLAGS.config, flags.FLAGS
+  result = run_benchmark(cfg, given.batch_per_device, given.steps, given.warmup,
+                         given.pipeline, stage=stage_from_flags(cfg, given))
   print(format_table(result))
   line = json.dumps(result)
   print(line)
@@ -213,21 +262,29 @@ def main(argv: Sequence[str]) -> None:
   sys.stdout.flush()
 
 
-def _define_flags() -> None:
+def define_flags(values: Any = None) -> None:
+  """The CLI's flags, on absl's global FLAGS or on the FlagValues `values`."""
   from absl import flags  # pylint: disable=import-outside-toplevel
   from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+  on = dict(flag_values=flags.FLAGS if values is None else values)
   config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/*.py); '
-                                  '--config.KEY=VALUE overrides.', lock_config=False)
-  flags.DEFINE_integer('batch_per_device', 8, 'Examples per data-parallel device.')
-  flags.DEFINE_integer('steps', 10, 'Timed steps (after warm-up).')
-  flags.DEFINE_integer('warmup', 2, 'Untimed steps after compilation.')
+                                  '--config.KEY=VALUE overrides.', lock_config=False, **on)
+  flags.DEFINE_integer('batch_per_device', 8, 'Examples per data-parallel device.', **on)
+  flags.DEFINE_integer('steps', 10, 'Timed steps (after warm-up).', **on)
+  flags.DEFINE_integer('warmup', 2, 'Untimed steps after compilation.', **on)
   flags.DEFINE_bool('pipeline', False, 'Feed batches from the input pipeline '
-                    '(clip_jax.data; needs tensorflow and config.data).')
-  flags.DEFINE_string('output', '', 'Also write the JSON result to this file.')
-  flags.mark_flag_as_required('config')
+                    '(clip_jax.data; needs tensorflow and config.data).', **on)
+  flags.DEFINE_string('output', '', 'Also write the JSON result to this file.', **on)
+  flags.DEFINE_float('mask_ratio', -1.0, "Share of image patches dropped (FLIP); -1 = the "
+                     "config's (config.train.stages[0] or config.model.vision.mask_ratio).",
+                     **on)
+  flags.DEFINE_integer('image_size', -1, "Training image size (CLIPA's reduced stages); "
+                       "-1 = the config's.", **on)
+  flags.DEFINE_integer('text_length', -1, "Text tokens per caption; -1 = the config's.", **on)
+  flags.mark_flag_as_required('config', **on)
 
 
 if __name__ == '__main__':
   from absl import app  # pylint: disable=import-outside-toplevel
-  _define_flags()
+  define_flags()
   app.run(main)

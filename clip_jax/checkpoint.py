@@ -29,7 +29,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from clip_jax import storage
-from clip_jax.models.architectures import ARCHITECTURE_KEYS
+from clip_jax.models.architectures import ARCHITECTURE_KEYS, architecture_vision
 
 CONFIG_FILE = 'config.json'
 CHECKPOINT_DIR = 'checkpoints'
@@ -91,7 +91,10 @@ def write_config(workdir: str | os.PathLike, config: ml_collections.ConfigDict) 
 def _architecture(model_config: Mapping[str, Any]) -> dict[str, Any]:
   # JSON round trip so that tuples and lists compare equal.
   as_dict = model_config.to_dict() if hasattr(model_config, 'to_dict') else dict(model_config)
-  return json.loads(json.dumps({k: as_dict.get(k) for k in ARCHITECTURE_KEYS}, default=list))
+  fields = {k: as_dict.get(k) for k in ARCHITECTURE_KEYS}
+  if fields['vision'] is not None:   # its training options (mask_ratio) may change on resume
+    fields['vision'] = architecture_vision(fields['vision'])
+  return json.loads(json.dumps(fields, default=list))
 
 
 def check_compatible(workdir: str | os.PathLike, config: ml_collections.ConfigDict) -> None:

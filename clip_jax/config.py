@@ -8,14 +8,16 @@ subsystem sit in one place.
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, Sequence
 
 import ml_collections
 
 from clip_jax import sharding, storage
 from clip_jax.data.tokenizers import default_tokenizer_type
-from clip_jax.models.architectures import canonical_name, model_config
+from clip_jax.models.architectures import VISION_OPTIONS, canonical_name, model_config
 from clip_jax.models.clip import validate_model_config
+from clip_jax.models.vit import valid_mask_ratio
 from clip_jax.losses import LOSSES
 from clip_jax.optim import validate_optim_config
 
@@ -40,7 +42,7 @@ def _mesh_defaults() -> ml_collections.ConfigDict:
 
 def _loss_defaults() -> ml_collections.ConfigDict:
   # clip_jax.losses: 'softmax' (CLIP, all-gather), 'sigmoid' (SigLIP), 'ring' (softmax,
-  # ppermute ring, O(B_local^2) memory). For SigLIP set model.logit_scale_init=log(10).
+  # ppermute ring, O(B_local^2) memory), 'ring_sigmoid' (SigLIP on the ring, the same). For SigLIP set model.logit_scale_init=log(10).
   return ml_collections.ConfigDict(dict(name='softmax', sigmoid_bias_init=-10.0))
 
 
@@ -64,13 +66,25 @@ def _optim_defaults() -> ml_collections.ConfigDict:
 
 def _train_defaults() -> ml_collections.ConfigDict:
   # clip_jax.train_step. micro_batches > 1: GradCache accumulation (exact big-batch grads).
-  return ml_collections.ConfigDict(dict(micro_batches=1))
+  # stages: (until_step, mask_ratio, image_size, text_length) per stage, in order; the
+  # last until_step is total_steps. Steps up to until_step (1-based, inclusive) drop that
+  # share of image patches (FLIP; ViT only), see images resized to image_size (CLIPA; the
+  # position embedding is interpolated) and texts truncated to text_length tokens (the
+  # end-of-text token kept last). () = one stage of the model's own mask_ratio,
+  # image_size and context_length. On the command line a tuple of tuples, e.g. for
+  # ViT-B/16's 390,625 steps FLIP (95% at mask 0.5, then unmasked tuning) or CLIPA
+  # (112 px and 32 tokens, then the full 224 px and 77):
+  #   --config.train.stages='((371094,0.5,224,77),(390625,0.0,224,77))'
+  #   --config.train.stages='((351563,0.0,112,32),(390625,0.0,224,77))'
+  # Evaluation always runs unmasked at the model's image size and context length.
+  return ml_collections.ConfigDict(dict(micro_batches=1, stages=()))
 
 
 def _eval_defaults() -> ml_collections.ConfigDict:
   # Evaluation (clip_jax.evaluate). Dataset specs are comma-separated: the built-in sets
   # (clip_jax.evaluate.datasets.BUILTIN_SETS), 'folder:PATH', 'tfds:NAME' (under
-  # data_dir, no download), 'shards:GLOB'.
+  # data_dir, no download), 'shards:GLOB', 'wds:ROOT' (clip_benchmark's webdataset layout;
+  # its classnames and templates win under templates='auto').
   return ml_collections.ConfigDict(dict(
       every_steps=0,            # trainer: evaluate every N steps; 0 = only at the end
       batch_size=256,           # global batch of feature extraction and prompt encoding
@@ -240,3 +254,85 @@ def _validate_training(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f'config.train.micro_batches: expected a positive integer dividing '
                      f'config.batch_size {config.batch_size}, got {micro}')
   validate_optim_config(config.optim)
+  training_stages(config)
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  """One entry of config.train.stages: the settings of steps up to `until_step`."""
+  until_step: int
+  mask_ratio: float
+  image_size: int
+  text_length: int
+
+  @property
+  def settings(self) -> tuple[float, int, int]:
+    """What the compiled step and the input pipeline depend on (not the step range)."""
+    return (self.mask_ratio, self.image_size, self.text_length)
+
+  def describe(self) -> str:
+    return f'mask {self.mask_ratio}, {self.image_size} px, {self.text_length} tokens'
+
+
+def _is_int(value: Any) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _stage(config: ml_collections.ConfigDict, index: int, entry: Any) -> Stage:
+  """config.train.stages[index] as a Stage, checked on its own and against the model."""
+  key = f'config.train.stages[{index}]'
+  if not isinstance(entry, Sequence) or isinstance(entry, str) or len(entry) != 4:
+    raise ValueError(f'{key}: expected (until_step, mask_ratio, image_size, text_length), '
+                     f'got {entry!r}')
+  until, mask, size, length = entry
+  context = config.model.text.context_length
+  if not _is_int(until) or until <= 0:
+    raise ValueError(f'{key}: until_step expected a positive integer, got {until!r}')
+  if not valid_mask_ratio(mask):
+    raise ValueError(f'{key}: mask_ratio expected a number in [0, 1), got {mask!r}')
+  if not _is_int(size) or size <= 0:
+    raise ValueError(f'{key}: image_size expected a positive integer, got {size!r}')
+  if not _is_int(length) or not 2 <= length <= context:
+    raise ValueError(f'{key}: text_length expected an integer in [2, config.model.text.'
+                     f'context_length={context}] (start and end tokens at least), got '
+                     f'{length!r}')
+  # The model's own rules (the patch size / 32 divides the image size; masking needs a
+  # ViT) decide whether it runs at these settings.
+  model = config.model.to_dict()
+  model['vision'] = dict(model['vision'], image_size=size, mask_ratio=float(mask))
+  try:
+    validate_model_config(model)
+  except ValueError as error:
+    raise ValueError(f'{key}: the model cannot run mask_ratio {mask}, image_size {size}: '
+                     f'{error}') from error
+  return Stage(until, float(mask), size, length)
+
+
+def training_stages(config: ml_collections.ConfigDict) -> tuple[Stage, ...]:
+  """config.train.stages as Stages, validated; () gives one stage of the model's own
+  mask_ratio, image_size and context_length until config.total_steps."""
+  entries = tuple(config.train.stages)
+  if not entries:
+    vision = config.model.vision
+    mask = vision.get('mask_ratio', VISION_OPTIONS['mask_ratio'])   # older configs lack it
+    return (Stage(config.total_steps, float(mask), vision.image_size,
+                  config.model.text.context_length),)
+  stages = tuple(_stage(config, i, entry) for i, entry in enumerate(entries))
+  for i in range(1, len(stages)):
+    if stages[i].until_step <= stages[i - 1].until_step:
+      raise ValueError(f'config.train.stages[{i}]: until_step {stages[i].until_step} is not '
+                       f'after the previous stage\'s {stages[i - 1].until_step}; expected '
+                       'strictly increasing until_step')
+  if stages[-1].until_step != config.total_steps:
+    raise ValueError(f'config.train.stages[{len(stages) - 1}]: until_step '
+                     f'{stages[-1].until_step}; the last stage must end at '
+                     f'config.total_steps={config.total_steps}')
+  return stages
+
+
+def stage_index(stages: Sequence[Stage], step: int) -> int:
+  """The index of the stage that runs step `step` (1-based: the step-th update)."""
+  for index, stage in enumerate(stages):
+    if step <= stage.until_step:
+      return index
+  return len(stages) - 1

@@ -20,6 +20,9 @@ from typing import Any, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
+from clip_jax.models.resnet import refuse_masking
+from clip_jax.models.vit import kept_patches
+
 # Dense (no sparsity) peak FLOP/s per chip, by a substring of `device.device_kind`,
 # most specific first. bfloat16 on every device; float32 matmuls run at the TF32 rate
 # on NVIDIA GPUs (JAX's default precision) and as bf16 passes on TPU.
@@ -105,8 +108,9 @@ def _resnet_flops(batch: int, image_size: int, layers: Sequence[int], width: int
   return batch * flops + batch * pool
 
 
-def model_flops(model_config: Mapping[str, Any], batch: int, pooled: bool | None = None
-                ) -> dict[str, int]:
+def model_flops(model_config: Mapping[str, Any], batch: int, pooled: bool | None = None,
+                mask_ratio: float = 0.0, image_size: int | None = None,
+                text_length: int | None = None) -> dict[str, int]:
   """Analytic FLOPs of one training step at global `batch`: forward per tower, loss, total.
 
   `total` = 3 x (image + text + loss forward): the backward pass costs two matmuls for
@@ -114,19 +118,27 @@ def model_flops(model_config: Mapping[str, Any], batch: int, pooled: bool | None
   not model work and is not counted (it shows in XLA's count instead). `pooled`: count
   the last transformer block for the pooled token only (the unrolled model's shortcut,
   the default unless `scan_layers`); False gives the textbook count of the whole stack.
+
+  What a training stage runs: `mask_ratio` (FLIP) counts the ViT encoder on the class
+  token and the kept patches (the patch embedding still sees every patch);
+  `image_size` (square, pixels) and `text_length` (tokens) replace the model's own
+  `vision.image_size` and `text.context_length` (None: the model's).
   """
   v, t, embed = model_config['vision'], model_config['text'], model_config['embed_dim']
   if pooled is None:
     pooled = not model_config.get('scan_layers', False)
+  image_size = v['image_size'] if image_size is None else image_size
+  text_length = t['context_length'] if text_length is None else text_length
   if v['type'] == 'vit':
-    grid = v['image_size'] // v['patch_size']
-    tokens = grid * grid + 1
-    image = (2 * batch * grid * grid * v['patch_size'] ** 2 * 3 * v['width']
+    patches = (image_size // v['patch_size']) ** 2
+    tokens = kept_patches(patches, mask_ratio) + 1              # mask 0 keeps them all
+    image = (2 * batch * patches * v['patch_size'] ** 2 * 3 * v['width']
              + _transformer_flops(batch, tokens, v['width'], v['layers'], pooled)
              + 2 * batch * v['width'] * embed)
   else:
-    image = _resnet_flops(batch, v['image_size'], v['layers'], v['width'], v['heads'], embed)
-  text = (_transformer_flops(batch, t['context_length'], t['width'], t['layers'], pooled)
+    refuse_masking(mask_ratio)
+    image = _resnet_flops(batch, image_size, v['layers'], v['width'], v['heads'], embed)
+  text = (_transformer_flops(batch, text_length, t['width'], t['layers'], pooled)
           + 2 * batch * t['width'] * embed)
   loss = 2 * 2 * batch * batch * embed                  # image->text and text->image logits
   return {'image_forward': image, 'text_forward': text, 'loss_forward': loss,

@@ -12,14 +12,19 @@
 2. Restore: the latest checkpoint under `workdir/checkpoints` if there is one
    (parameters, optimizer state and the data position, onto the current mesh,
    whatever mesh wrote it); otherwise a fresh, directly sharded state.
-3. Loop: prefetched global batches -> the jitted sharded step. Every
+3. Loop: prefetched global batches -> the jitted sharded step, one per stage of
+   `config.train.stages` (patch mask ratio, image size, text length), each compiled
+   once; at a stage's first step the input stream is rebuilt at the stage's image size
+   and text length from the position it reached (no sample repeated or skipped), and a
+   resume in the middle of a stage builds it at that stage's settings. Every
    `config.log.every_steps` a console line, `metrics.jsonl` and TensorBoard;
    every `config.eval.every_steps` an evaluation; checkpoints every
    `config.checkpoint.every_steps`, at the end, and on SIGTERM (then it returns).
    A NaN/Inf loss or gradient norm stops the run, naming the step and the metric; the
    last checkpoint stays the last good one (the metrics of the update a checkpoint
    holds are checked before it is saved).
-4. Evaluate: `config.eval` through clip_jax.evaluate; the last printed line is the
+4. Evaluate: `config.eval` through clip_jax.evaluate (unmasked, at the model's image
+   size and context length, whatever the stage); the last printed line is the
    zero-shot top-1 (next to chance for the built-in held-out scenes).
 """
 
@@ -208,6 +213,10 @@ def dry_run_plan(config: ml_collections.ConfigDict, model: Any, layout: sharding
                  workdir: storage.PathLike, say: Callable[[str], None]) -> TrainResult:
   """What the run would do, from abstract shapes (nothing is allocated or trained)."""
   abstract, shardings = train_state_shardings(config, model, layout)
+  stages = config_lib.training_stages(config)
+  firsts = [1] + [stage.until_step + 1 for stage in stages[:-1]]
+  schedule = '; '.join(f'steps {first}-{stage.until_step}: {stage.describe()}'
+                       for first, stage in zip(firsts, stages))
   count = sum(int(math.prod(a.shape)) for a in jax.tree.leaves(abstract.params))
   per_device = sum(
       int(math.prod(s.shard_shape(a.shape))) * a.dtype.itemsize
@@ -216,7 +225,9 @@ def dry_run_plan(config: ml_collections.ConfigDict, model: Any, layout: sharding
   say(f'dry run: {config.model.name}, {count:,} parameters; mesh {dict(layout.mesh.shape)} '
       f'over {jax.device_count()} {jax.devices()[0].platform} device(s); global batch '
       f'{config.batch_size} ({config.batch_size // layout.data_parallel_size} per '
-      f'batch-carrying device), {config.total_steps} steps, loss {config.loss.name}, '
+      f'batch-carrying device), {config.total_steps} steps'
+      + (f' in {len(stages)} stages ({schedule})' if config.train.stages else '')
+      + f', loss {config.loss.name}, '
       f'{config.model.dtype} compute; train state {per_device / 2**30:.2f} GiB per device; '
       + (f'would resume from step {latest}' if latest is not None else 'would start at step 0')
       + f' in {workdir}. Every check passed; nothing was trained.')
@@ -319,11 +330,24 @@ def host_metrics(step: int, metrics: dict[str, jax.Array], ckpt: checkpoint.Trai
   return values
 
 
-def step_flops_and_peak(config: Any) -> tuple[float, float | None]:
-  """Model FLOPs of one step and the peak FLOP/s of all devices (None when unknown)."""
-  per_step = float(flops.model_flops(config.model, config.batch_size)['total'])
+def step_flops_and_peak(config: Any, stage: config_lib.Stage | None = None
+                        ) -> tuple[float, float | None]:
+  """Model FLOPs of one step of `stage` (default: the first of config.train.stages) and the
+  peak FLOP/s of all devices (None when unknown)."""
+  stage = config_lib.training_stages(config)[0] if stage is None else stage
+  per_step = float(flops.model_flops(
+      config.model, config.batch_size, mask_ratio=stage.mask_ratio,
+      image_size=stage.image_size, text_length=stage.text_length)['total'])
   peak = flops.peak_flops(jax.devices()[0], config.model.dtype)
   return per_step, (peak * jax.device_count() if peak else None)
+
+
+def stage_line(stages: tuple[config_lib.Stage, ...], index: int, resumed_at: int | None = None
+               ) -> str:
+  """'stage 2/2 from step 801: mask 0.0, 224 px, 77 tokens' (+ where a resume joined it)."""
+  first = stages[index - 1].until_step + 1 if index else 1
+  joined = f' (resumed at step {resumed_at})' if resumed_at not in (None, first) else ''
+  return f'stage {index + 1}/{len(stages)} from step {first}{joined}: {stages[index].describe()}'
 
 
 class Profiler:
@@ -447,14 +471,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: storage.PathL
   logging.debug('%s', '\n'.join(table[placement:]))
 
   from clip_jax.data.pipeline import make_train_iterator  # pylint: disable=import-outside-toplevel
-  batches = delivery.prefetch_to_mesh(
-      make_train_iterator(config, tokenizer, state=data_state), layout,
-      size=max(1, int(config.data.device_prefetch)))
-  train_step = make_train_step(config, model, layout, shardings, tx)
+  stages = config_lib.training_stages(config)
+
+  def open_batches(stage: config_lib.Stage, position: Any) -> delivery.MeshPrefetcher:
+    """Global batches at the stage's image size and text length, from `position` (the
+    data was checked readable by preflight.check_train_data)."""
+    return delivery.prefetch_to_mesh(
+        make_train_iterator(config, tokenizer, state=position, image_size=stage.image_size,
+                            text_length=stage.text_length, check=False),
+        layout, size=max(1, int(config.data.device_prefetch)))
+
+  # One jitted step per distinct stage setting, each compiled once (its shapes are fixed).
+  steps_by_setting: dict[tuple[float, int, int], Callable] = {}
+
   writer = MetricsWriter(workdir, config.log, config.total_steps, active=is_main)
   stop = StopSignal(ckpt)
   profiler = Profiler(tuple(config.log.profile_steps), workdir, say)
-  flops_per_step, peak = step_flops_and_peak(config)
+  batches: delivery.MeshPrefetcher | None = None
 
   def save(step: int, state: TrainState, loss: float, force: bool) -> None:
     # `force`: the last step and a preemption are saved whatever the interval says;
@@ -469,9 +502,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: storage.PathL
   # them): one step later, so reading them never stalls the device queue, or at once at
   # log and save steps, so a checkpoint of step N is written after step N's check.
   step, pending, preempted = start_step, None, False
-  interval_start, interval_steps, loop_start = time.time(), 0, time.time()
+  interval_start, interval_steps = time.time(), 0
+  current = None                  # the index of the stage running
   try:
     while step < config.total_steps:
+      index = config_lib.stage_index(stages, step + 1)
+      stage_begins, compiles = index != current, False
+      if stage_begins:
+        # A new stage: the stream goes on from where the last batch taken left it (the
+        # checkpoint's position when resuming), at the stage's image size and text length.
+        stage, current, stage_start = stages[index], index, time.time()
+        if config.train.stages:
+          say(stage_line(stages, index, resumed_at=step + 1 if step == start_step else None))
+        position = data_state if batches is None else batches.state_dict()
+        if batches is not None:
+          batches.close()
+        batches = open_batches(stage, position)
+        compiles = stage.settings not in steps_by_setting
+        if compiles:
+          steps_by_setting[stage.settings] = make_train_step(
+              config, model, layout, shardings, tx, mask_ratio=stage.mask_ratio)
+        train_step = steps_by_setting[stage.settings]
+        flops_per_step, peak = step_flops_and_peak(config, stage)
       profiler.before(step + 1)
       batch = next(batches)
       state, metrics = train_step(state, batch)
@@ -480,9 +532,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: storage.PathL
       if pending is not None:
         host_metrics(*pending, ckpt)
       pending = (step, metrics)
-      if step == start_step + 1:
+      if stage_begins:
+        # A compile and a stream (re)start are kept out of the images/s of the interval.
         jax.block_until_ready(metrics)
-        say(f'step {step}: compiled and ran in {time.time() - loop_start:.1f}s')
+        if compiles:
+          say(f'step {step}: compiled and ran in {time.time() - stage_start:.1f}s')
         interval_start, interval_steps = time.time(), 0
       else:
         interval_steps += 1
@@ -522,7 +576,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: storage.PathL
     raise
   finally:
     stop.close()
-    batches.close()
+    if batches is not None:
+      batches.close()
     ckpt.close()
 
   if preempted:

@@ -13,6 +13,13 @@ every micro-batch without gradients, computes the loss of the whole batch once a
 its gradient w.r.t. the embeddings, then back-propagates micro-batch by micro-batch
 (`jax.vjp`) and sums. The result is the big batch's gradient with one micro-batch of
 activations in memory.
+
+Patch masking (FLIP, `mask_ratio > 0`, a static setting of the compiled step): the mask
+key of a step is `mask_key(config.seed, step)`, a pure function of the two, so a
+resumed run masks exactly as an uninterrupted one; the model draws each example's mask
+from it. Under GradCache every micro-batch has its own key (`micro_batch_keys`), the
+same in the embedding pass and in the recomputation, so the gradient is that of the
+masked batch. With `mask_ratio = 0` no key is made and the step is the plain one.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from clip_jax import losses, optim, sharding
 from clip_jax.models.clip import dummy_inputs
 from clip_jax.models.params import flatten_names
+from clip_jax.models.vit import MASK_RNG
 from clip_jax.sharding import MeshLayout
 
 Batch = dict[str, jax.Array]
@@ -122,9 +130,21 @@ def _frozen_statistics(optim_config: Any, batch_stats: Any) -> Any:
   return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(batch_stats), frozen)
 
 
-def _embed_fn(model: nn.Module, optim_config: Any
+def mask_key(seed: int, step: jax.Array) -> jax.Array:
+  """The patch-mask key of the update made at `step` (the state's step counter before it)."""
+  return jax.random.fold_in(jax.random.key(seed), step)
+
+
+def micro_batch_keys(key: jax.Array, micro_batches: int) -> jax.Array:
+  """One mask key per GradCache micro-batch (stacked): both passes over micro-batch m use
+  the m-th, so the recomputed features are those the loss saw."""
+  return jax.vmap(lambda m: jax.random.fold_in(key, m))(jnp.arange(micro_batches))
+
+
+def _embed_fn(model: nn.Module, optim_config: Any, mask_ratio: float = 0.0
               ) -> Callable[..., tuple[tuple[jax.Array, jax.Array], Any]]:
-  """(params, batch_stats, images, texts) -> ((image_features, text_features), batch_stats).
+  """(params, batch_stats, images, texts, key) -> ((image_features, text_features),
+  batch_stats); `key` is the mask key (None when `mask_ratio` is 0).
 
   L2-normalised features in training mode; BatchNorm statistics are updated when the
   model has them (ResNet) and passed through otherwise. A frozen BatchNorm layer
@@ -132,9 +152,11 @@ def _embed_fn(model: nn.Module, optim_config: Any
   frozen (a locked ResNet image tower, LiT) the tower normalises with its running
   statistics, as PyTorch's frozen BatchNorm does, so it computes what it will at eval.
   """
-  def embed(params, batch_stats, images, texts):
+  def embed(params, batch_stats, images, texts, key):
+    # Unmasked, the model is called as it always was (no key, no extra argument).
+    masking = dict(mask_ratio=mask_ratio, rngs={MASK_RNG: key}) if mask_ratio else {}
     if not batch_stats:
-      image, text, _ = model.apply({'params': params}, images, texts, train=True)
+      image, text, _ = model.apply({'params': params}, images, texts, train=True, **masking)
       return (image, text), batch_stats
     frozen = _frozen_statistics(optim_config, batch_stats)
     variables = {'params': params, 'batch_stats': batch_stats}
@@ -142,24 +164,26 @@ def _embed_fn(model: nn.Module, optim_config: Any
       image, text, _ = model.apply(variables, images, texts, train=False)
       return (image, text), batch_stats
     (image, text, _), updates = model.apply(variables, images, texts, train=True,
-                                            mutable=['batch_stats'])
+                                            mutable=['batch_stats'], **masking)
     kept = jax.tree_util.tree_map(lambda f, old, new: old if f else new, frozen,
                                   batch_stats, updates['batch_stats'])
     return (image, text), kept
   return embed
 
 
-def make_grad_fn(config: Any, model: nn.Module, mesh: Mesh | MeshLayout
-                 ) -> Callable[[dict[str, Any], Any, Batch],
-                               tuple[jax.Array, Metrics, Any, dict[str, Any]]]:
-  """`grads(trainable, batch_stats, batch) -> (loss, metrics, batch_stats, grads)`.
+def make_grad_fn(config: Any, model: nn.Module, mesh: Mesh | MeshLayout,
+                 mask_ratio: float = 0.0
+                 ) -> Callable[..., tuple[jax.Array, Metrics, Any, dict[str, Any]]]:
+  """`grads(trainable, batch_stats, batch, key=None) -> (loss, metrics, batch_stats, grads)`.
 
   `trainable` is `TrainState.trainable`. With `config.train.micro_batches = M > 1`
-  the gradient is GradCache's, equal to the full batch's. Not jitted: call it inside jit.
+  the gradient is GradCache's, equal to the full batch's. `mask_ratio > 0` drops that
+  share of image patches, drawn from the mask `key` (`mask_key`). Not jitted: call it
+  inside jit.
   """
   layout = sharding.as_layout(mesh, config.mesh)
   loss_fn = losses.make_loss(config.loss, layout)
-  embed = _embed_fn(model, config.optim)
+  embed = _embed_fn(model, config.optim, mask_ratio)
   micro = int(config.train.micro_batches)
   constrain = lambda x: jax.lax.with_sharding_constraint(
       x, sharding.batch_sharding(layout, x.ndim))
@@ -168,9 +192,9 @@ def make_grad_fn(config: Any, model: nn.Module, mesh: Mesh | MeshLayout
     return loss_fn(constrain(image), constrain(text), trainable['params']['logit_scale'],
                    trainable['loss_params'])
 
-  def full_batch(trainable, batch_stats, images, texts):
+  def full_batch(trainable, batch_stats, images, texts, key):
     def loss_of(trainable):
-      features, new_stats = embed(trainable['params'], batch_stats, images, texts)
+      features, new_stats = embed(trainable['params'], batch_stats, images, texts, key)
       loss, metrics = loss_of_features(*features, trainable)
       return loss, (metrics, new_stats)
     (loss, (metrics, new_stats)), grads = jax.value_and_grad(loss_of, has_aux=True)(trainable)
@@ -185,33 +209,38 @@ def make_grad_fn(config: Any, model: nn.Module, mesh: Mesh | MeshLayout
   def merge(x):
     return constrain(x.swapaxes(0, 1).reshape(-1, *x.shape[2:]))
 
-  def grad_cache(trainable, batch_stats, images, texts):
+  def grad_cache(trainable, batch_stats, images, texts, key):
     params = trainable['params']
     frozen_params = jax.lax.stop_gradient(params)
+    keys = None if key is None else micro_batch_keys(key, micro)   # scanned with the rows
 
     def embed_micro(stats, micro_batch):
       features, stats = embed(frozen_params, stats, *micro_batch)
       return stats, features
     new_stats, (image, text) = jax.lax.scan(embed_micro, batch_stats,
-                                            (split(images), split(texts)))
+                                            (split(images), split(texts), keys))
     image, text = merge(image), merge(text)
     (loss, metrics), (g_image, g_text, grads) = jax.value_and_grad(
         loss_of_features, argnums=(0, 1, 2), has_aux=True)(image, text, trainable)
 
     def backprop_micro(acc, micro_batch):
-      micro_images, micro_texts, g_micro_image, g_micro_text = micro_batch
-      # Training-mode BatchNorm normalises by the micro-batch's own statistics, so the
-      # recomputed features equal those of the first pass.
-      _, vjp = jax.vjp(lambda p: embed(p, batch_stats, micro_images, micro_texts)[0], params)
+      micro_images, micro_texts, micro_key, g_micro_image, g_micro_text = micro_batch
+      # Training-mode BatchNorm normalises by the micro-batch's own statistics, and the
+      # micro-batch's mask key is the first pass's, so the recomputed features equal
+      # those of the first pass.
+      _, vjp = jax.vjp(
+          lambda p: embed(p, batch_stats, micro_images, micro_texts, micro_key)[0], params)
       (g_params,) = vjp((g_micro_image, g_micro_text))
       return jax.tree_util.tree_map(jnp.add, acc, g_params), None
     g_params, _ = jax.lax.scan(
         backprop_micro, jax.tree_util.tree_map(jnp.zeros_like, params),
-        (split(images), split(texts), split(g_image), split(g_text)))
+        (split(images), split(texts), keys, split(g_image), split(g_text)))
     grads = dict(grads, params=jax.tree_util.tree_map(jnp.add, grads['params'], g_params))
     return loss, metrics, new_stats, grads
 
-  def grad_fn(trainable, batch_stats, batch):
+  def grad_fn(trainable, batch_stats, batch, key=None):
+    if mask_ratio and key is None:
+      raise ValueError(f'make_grad_fn: mask_ratio {mask_ratio} needs a mask key (mask_key)')
     images, texts = constrain(batch['image']), constrain(batch['text'])
     global_batch = images.shape[0]
     data_parallel = layout.data_parallel_size
@@ -220,30 +249,36 @@ def make_grad_fn(config: Any, model: nn.Module, mesh: Mesh | MeshLayout
           f'config.train.micro_batches: the global batch {global_batch} must split into '
           f'{micro} micro-batches x {data_parallel} data-parallel devices evenly')
     if micro > 1:
-      return grad_cache(trainable, batch_stats, images, texts)
-    return full_batch(trainable, batch_stats, images, texts)
+      return grad_cache(trainable, batch_stats, images, texts, key)
+    return full_batch(trainable, batch_stats, images, texts, key)
   return grad_fn
 
 
 def make_train_step(config: Any, model: nn.Module, mesh: Mesh | MeshLayout,
                     state_shardings: TrainState,
-                    tx: optax.GradientTransformationExtraArgs | None = None
+                    tx: optax.GradientTransformationExtraArgs | None = None,
+                    mask_ratio: float = 0.0
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
   """The jitted step `(state, batch) -> (state, metrics)`; the input state is donated.
 
-  `batch` holds global arrays 'image' [B, H, W, 3] and 'text' [B, context] (other keys
-  are ignored). Metrics are replicated scalars: loss, accuracy (in-batch retrieval,
-  both directions), temperature (after the update), grad_norm (trainable leaves,
-  before clipping), learning_rate (the one this step used).
+  `batch` holds global arrays 'image' [B, H, W, 3] and 'text' [B, L] (other keys are
+  ignored); H = W may be any multiple of the patch size and L <= the context length
+  (a stage of config.train.stages). `mask_ratio` (static): the share of image patches
+  each example drops, from `mask_key(config.seed, state.step)`. Metrics are replicated
+  scalars: loss, accuracy (in-batch retrieval, both directions), temperature (after
+  the update), grad_norm (trainable leaves, before clipping), learning_rate (the one
+  this step used).
   """
   layout = sharding.as_layout(mesh, config.mesh)
   tx = optim.make_optimizer(config) if tx is None else tx
   schedule = optim.learning_rate_schedule(config.optim, config.total_steps)
-  grad_fn = make_grad_fn(config, model, layout)
+  grad_fn = make_grad_fn(config, model, layout, mask_ratio)
+  seed = int(config.seed)
 
   def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
     trainable = state.trainable
-    loss, metrics, batch_stats, grads = grad_fn(trainable, state.batch_stats, batch)
+    key = mask_key(seed, state.step) if mask_ratio else None
+    loss, metrics, batch_stats, grads = grad_fn(trainable, state.batch_stats, batch, key)
     # The norm is computed once: the metric, and the clip's (optim.clip_by_trainable_norm).
     grad_norm = optim.trainable_norm(config.optim, grads)
     updates, opt_state = tx.update(grads, state.opt_state, trainable, grad_norm=grad_norm)

@@ -14,8 +14,10 @@ FSDP shards the 10 GB of float32 parameters and Adam moments; each bottleneck is
 recomputed in the backward pass (an estimated 2.8 GiB of saved activations per pair
 without remat, 0.4 GiB with it). The paper: 18 days on 592 V100s.
 
-The same recipe on a CPU: 3 steps of 2 built-in scenes, then zero-shot on 2 held-out ones
-(measured on a 2-core VM: 0.0 min, 0.0 CPU-min, 0.0 GB peak memory):
+The same recipe on a CPU: 3 steps of 2 built-in scenes, then zero-shot on 2 held-out ones.
+It needs more than 20 GB of memory (the float32 parameters, Adam moments and gradients
+alone are 10 GB; the process was at 19.7 GB when a 24 GB 2-core VM shared with other
+jobs ran out of memory, 2026-12-01), so it is not among the variants CI trains:
   python -m clip_jax.main --config=configs/rn50x64.py:local --workdir=./rn50x64_local
 """
 

@@ -14,6 +14,8 @@ with clip_jax's own exporter.
   `make_folder`); a folder of photos to embed.
 - `img2dataset_tar`: an img2dataset-layout tar of drawn scenes with their captions;
   `wds_tar`: tests/test_data_sources' `write_wds_shard`.
+- `url_list(folder, server)`: img2dataset's input, a parquet of URL,TEXT rows, whose
+  images `StaticServer` (http.server on 127.0.0.1) serves; some URLs fail as on the web.
 - `fake_cifar10`: a TFDS `cifar10` (the registered builder's own features, version and
   class names; 40 train / 20 test drawn images) prepared under `data_dir`.
 - `python tests/doc_fixtures.py models OUT`: OpenAI-layout weight files of random models
@@ -26,6 +28,8 @@ with clip_jax's own exporter.
 from __future__ import annotations
 
 import csv
+import functools
+import http.server
 import io
 import json
 import os
@@ -46,6 +50,8 @@ TESTS = pathlib.Path(__file__).resolve().parent
 REPO = TESTS.parent
 if str(TESTS) not in sys.path:
   sys.path.insert(0, str(TESTS))
+
+from gcs_emulator import LoopbackServer  # noqa: E402  (tests/ is on the path from here)
 
 # Never part of a checkout's root as a user clones it.
 _NOT_CHECKED_OUT = {'.git', '.venv', '.pytest_cache', 'workdir'}
@@ -135,6 +141,48 @@ def img2dataset_tar(path: pathlib.Path, first: int = 0, count: int = 40) -> byte
       _add_member(tar, f'{key}.txt', scene['caption'][0].encode())
       _add_member(tar, f'{key}.json', json.dumps({'key': key, 'status': 'success'}).encode())
   return path.read_bytes()
+
+
+URL_LIST_SAMPLES = 24
+URL_LIST_BROKEN = {3: 404, 11: 404, 17: 'corrupt'}   # downloads img2dataset must drop
+
+
+def url_list_caption(index: int) -> str:
+  return f'photo {index} of a drawn scene'
+
+
+class StaticServer(LoopbackServer):
+  """`with StaticServer(root) as web:` the files under `root` at `web.url` (127.0.0.1)."""
+
+  def __init__(self, root: pathlib.Path):
+    self.root = pathlib.Path(root)
+    handler = functools.partial(_QuietHandler, directory=str(self.root))
+    self._serve(http.server.ThreadingHTTPServer(('127.0.0.1', 0), handler))
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+  def log_message(self, *args):   # the test's output is the command's, not the server's
+    pass
+
+
+def url_list(folder: pathlib.Path, server: StaticServer) -> pathlib.Path:
+  """A one-file parquet URL list (columns URL, TEXT) of drawn scenes of varied sizes,
+  some larger than img2dataset's --image_size; URL_LIST_BROKEN's answer 404 or corrupt."""
+  import pandas as pd
+  from PIL import Image
+  folder.mkdir(parents=True, exist_ok=True)
+  rows = []
+  for index, scene in enumerate(_scenes(URL_LIST_SAMPLES, seed=30, image_size=96)):
+    name = f'scene_{index:03d}.jpg'
+    if URL_LIST_BROKEN.get(index) == 'corrupt':
+      (server.root / name).write_bytes(b'\xff\xd8 not a jpeg')
+    elif index not in URL_LIST_BROKEN:
+      size = (200 + 37 * index, 160 + 29 * (index % 7))   # (width, height), up to 1051 px
+      Image.fromarray(scene['image']).resize(size).save(server.root / name, 'JPEG')
+    rows.append({'URL': f'{server.url}/{name}', 'TEXT': url_list_caption(index)})
+  path = folder / 'part-00000.parquet'
+  pd.DataFrame(rows).to_parquet(path)
+  return folder
 
 
 CIFAR10_NAMES = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse',
@@ -250,6 +298,9 @@ class Buckets:
   def upload(self, bucket: str, name: str, data: bytes) -> None:
     self.ensure(bucket)
     self.emulator.upload(name, data, bucket=bucket)
+
+  def download(self, bucket: str, name: str) -> bytes:
+    return self.emulator.download(name, bucket=bucket)
 
   def list_objects(self, bucket: str, prefix: str = '') -> list[str]:
     self.ensure(bucket)

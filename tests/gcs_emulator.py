@@ -130,10 +130,10 @@ class GcsEmulator:
       if not token:
         return sorted(names)
 
-  def download(self, name: str) -> bytes:
+  def download(self, name: str, bucket: str | None = None) -> bytes:
     quoted = urllib.parse.quote(name, safe='')
     with urllib.request.urlopen(
-        f'{self.url}/download/storage/v1/b/{self.bucket}/o/{quoted}?alt=media') as r:
+        f'{self.url}/download/storage/v1/b/{bucket or self.bucket}/o/{quoted}?alt=media') as r:
       return r.read()
 
   def upload(self, name: str, data: bytes, bucket: str | None = None) -> None:
@@ -145,7 +145,25 @@ class GcsEmulator:
       r.read()
 
 
-class FaultyProxy:
+class LoopbackServer:
+  """An http.server on 127.0.0.1 served from a thread; `with` starts and stops it.
+  Subclasses build their server and hand it to `_serve`; `url` has no trailing slash."""
+
+  def _serve(self, server: http.server.HTTPServer) -> None:
+    self._server = server
+    self.url = f'http://127.0.0.1:{server.server_address[1]}'
+    self._thread = threading.Thread(target=server.serve_forever, daemon=True)
+
+  def __enter__(self):
+    self._thread.start()
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self._server.shutdown()
+    self._server.server_close()
+
+
+class FaultyProxy(LoopbackServer):
   """A reverse proxy to `upstream` that fails chosen object downloads.
 
   `fail(name, [503, 404], from_byte=N)`: the next two downloads (GETs with alt=media) of
@@ -218,17 +236,7 @@ class FaultyProxy:
       def handle_error(self, request, client_address):
         pass   # a client that hangs up (a killed run, a closed keep-alive) is no news
 
-    self._server = Server(('127.0.0.1', 0), Handler)
-    self.url = f'http://127.0.0.1:{self._server.server_address[1]}'
-    self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-
-  def __enter__(self) -> 'FaultyProxy':
-    self._thread.start()
-    return self
-
-  def __exit__(self, *exc) -> None:
-    self._server.shutdown()
-    self._server.server_close()
+    self._serve(Server(('127.0.0.1', 0), Handler))
 
   def fail(self, name: str, statuses: tuple[int, ...] = (), *, from_byte: int = 0,
            forever: int = 0) -> None:

@@ -55,3 +55,62 @@ def test_peak_table_lookup():
   assert peak_flops(Fake('TPU v5 lite'), 'bfloat16') == 197e12
   assert peak_flops(Fake('TPU v4'), 'float32') == 275e12
   assert peak_flops(Fake('cpu'), 'float32') is None
+
+
+def test_stage_arguments_default_to_the_model():
+  cfg = model_config('ViT-B/16')
+  assert model_flops(cfg, 4) == model_flops(cfg, 4, mask_ratio=0.0, image_size=224,
+                                            text_length=77)
+
+
+@pytest.mark.parametrize('ratio, kept', [(0.5, 98), (0.75, 49)])
+def test_masked_flops_count_the_kept_tokens(ratio, kept):
+  """FLIP on ViT-B/16: the encoder runs on 1 + kept of 197 tokens; the patch embedding
+  and the text tower are unchanged."""
+  cfg = model_config('ViT-B/16')
+  v = cfg.vision
+  full = model_flops(cfg, 8, pooled=False)
+  masked = model_flops(cfg, 8, pooled=False, mask_ratio=ratio)
+  patch_embed = 2 * 8 * 196 * 16 * 16 * 3 * v.width
+  head = 2 * 8 * v.width * cfg.embed_dim
+
+  def encoder(tokens):   # per layer: linear in the tokens, plus attention's tokens^2
+    return 8 * v.layers * (tokens * 24 * v.width ** 2 + 4 * tokens ** 2 * v.width)
+  assert full['image_forward'] == patch_embed + encoder(197) + head
+  assert masked['image_forward'] == patch_embed + encoder(kept + 1) + head
+  ratio_run = (masked['image_forward'] - patch_embed - head) / encoder(197)
+  assert ((kept + 1) / 197) ** 2 < ratio_run < (kept + 1) / 197
+  assert masked['text_forward'] == full['text_forward']
+  assert masked['total'] == 3 * (masked['image_forward'] + masked['text_forward']
+                                 + masked['loss_forward'])
+
+
+# The count follows what the model runs: XLA's count of the masked forward at a smaller
+# stage image size (its positional embedding resampled), and of a shorter text.
+@pytest.mark.parametrize('ratio', [0.0, 0.5, 0.75])
+def test_stage_flops_match_xla_cost_analysis(ratio):
+  cfg = model_config('ViT-B/32')
+  model = build_model(cfg)
+  variables = param_shapes(cfg)
+  images = jax.ShapeDtypeStruct((2, 160, 160, 3), jax.numpy.float32)
+  tokens = jax.ShapeDtypeStruct((2, 32), jax.numpy.int32)
+  image_cost = jax.jit(lambda v, x: model.apply(
+      v, x, mask_ratio=ratio, rngs={'mask': jax.random.key(0)},
+      method=model.encode_image)).lower(variables, images).cost_analysis()['flops']
+  text_cost = jax.jit(lambda v, t: model.apply(v, t, method=model.encode_text)).lower(
+      variables, tokens).cost_analysis()['flops']
+  flops = model_flops(cfg, batch=2, mask_ratio=ratio, image_size=160, text_length=32)
+  assert image_cost / flops['image_forward'] == pytest.approx(1.0, abs=0.05)
+  assert text_cost / flops['text_forward'] == pytest.approx(1.0, abs=0.05)
+  if ratio:
+    assert flops['image_forward'] < model_flops(cfg, batch=2, image_size=160)['image_forward']
+
+
+def test_resnet_flops_refuse_masking_and_follow_the_image_size():
+  cfg = model_config('RN50')
+  with pytest.raises(ValueError, match=r'config\.model\.vision\.mask_ratio'):
+    model_flops(cfg, 1, mask_ratio=0.5)
+  # Convolutions scale with the pixels (4x); the attention pool's one query and its
+  # projection do not, so the tower grows a little less.
+  base = model_flops(cfg, 1)['image_forward']
+  assert 3.98 < model_flops(cfg, 1, image_size=448)['image_forward'] / base < 4

@@ -26,6 +26,8 @@ ALLOWED = [
     ('evaluate/zeroshot.py', 'np.load(io.BytesIO(storage.read_bytes(cache_path)))',
      'bytes read through storage'),
     ('evaluate/zeroshot.py', 'np.save(buffer, classifier)', 'into memory, written by storage'),
+    ('evaluate/wds.py', 'np.load(io.BytesIO(parts[METADATA_MEMBER]), allow_pickle=False)',
+     'a tar member in memory, read through storage'),
     ('embed.py', 'np.save(buffer, embeddings.astype(np.float32))',
      'into memory, written by storage'),
     ('convert/__init__.py',

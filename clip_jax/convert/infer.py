@@ -20,7 +20,7 @@ import numpy as np
 
 from clip_jax.models import openai_constants as openai
 from clip_jax.models.architectures import (ARCHITECTURES, MODEL_DEFAULTS, ModelOptions,
-                                           model_config)
+                                           architecture_vision, model_config)
 
 HEAD_WIDTH = 64
 
@@ -40,7 +40,7 @@ def _need(state: Mapping[str, Any], key: str, source: str) -> tuple[int, ...]:
 
 
 def _architecture_fields(cfg: Mapping[str, Any]) -> dict[str, Any]:
-  vision = dict(cfg['vision'])
+  vision = architecture_vision(cfg['vision'])
   if 'layers' in vision and not isinstance(vision['layers'], int):
     vision['layers'] = tuple(vision['layers'])
   return {'embed_dim': cfg['embed_dim'], 'vision': vision, 'text': dict(cfg['text'])}

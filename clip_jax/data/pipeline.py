@@ -14,7 +14,8 @@ Train stream, per host (exact resume by design):
      or decode, and samples with no caption (or no label when labels are asked for),
      are dropped. Skipped = raw records read - samples emitted, exactly.
   5. Batch (per-host size), tokenise the captions (numpy tokenizer via
-     `tf.numpy_function`, one call per batch), prefetch.
+     `tf.numpy_function`, one call per batch; a stage's shorter text length truncates
+     them as OpenAI's tokenizer would, end-of-text last), prefetch.
 Shards are read by Python generators (clip_jax.data.sources), so a stream is ended
 through its StreamControl, never just dropped; TrainIterator and EvalIterator do that.
 The iterator's state is the position after the last sample of the last batch returned
@@ -22,6 +23,8 @@ The iterator's state is the position after the last sample of the last batch ret
 order). Restoring rebuilds the stream at (epoch, group) and skips `offset` raw records
 of that group before decoding: the next batches are exactly those an uninterrupted
 stream would have produced, at the cost of re-reading at most one group of files.
+The position does not depend on the image size or text length: a stage of
+config.train.stages that changes them rebuilds the stream from the position it reached.
 
 Eval stream: the examples are numbered in file order (TFDS: split order) and every host
 reads them forward, decoding only its own share; the share, the decoder and the crop are
@@ -94,12 +97,23 @@ def _choose_caption(captions: tf.Tensor, seed: tf.Tensor | None) -> tuple[tf.Ten
   return tf.gather(padded, index), count > 0
 
 
-def _tokenize_batch(batch: dict[str, tf.Tensor], tokenizer: Tokenizer,
-                    batch_size: int) -> dict[str, tf.Tensor]:
+def truncate_tokens(tokens: np.ndarray, length: int, eot_token_id: int) -> np.ndarray:
+  """Token rows [N, context] -> [N, length], as the tokenizer would have made them with a
+  context of `length` (OpenAI's truncate=True): a row whose end-of-text token lies beyond
+  keeps its first length - 1 ids and ends with end-of-text."""
+  out = np.array(tokens[:, :length], np.int32)
+  out[~(out == eot_token_id).any(axis=1), -1] = eot_token_id
+  return out
+
+
+def _tokenize_batch(batch: dict[str, tf.Tensor], tokenizer: Tokenizer, batch_size: int,
+                    text_length: int) -> dict[str, tf.Tensor]:
   batch = dict(batch)
-  text = tf.numpy_function(lambda captions: tokenizer(captions), [batch.pop('caption')],
-                           tf.int32, stateful=False)
-  text.set_shape([batch_size, tokenizer.context_length])
+  text = tf.numpy_function(
+      lambda captions: truncate_tokens(tokenizer(captions), text_length,
+                                       tokenizer.eot_token_id),
+      [batch.pop('caption')], tf.int32, stateful=False)
+  text.set_shape([batch_size, text_length])
   batch['text'] = text
   return batch
 
@@ -128,19 +142,27 @@ def train_dataset(source: Source, *, batch_size: int, image_size: int, tokenizer
                   crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
                   resize_method: str = 'bicubic', shuffle_buffer: int = 10_000,
                   cycle_length: int = 16, num_parallel_calls: int = -1,
-                  prefetch: int = 2, control: StreamControl | None = None) -> tf.data.Dataset:
+                  prefetch: int = 2, control: StreamControl | None = None,
+                  text_length: int | None = None) -> tf.data.Dataset:
   """The endless train stream of one host, from `state` (see the module docstring).
+
+  `image_size`: the side every random crop is resized to; `text_length`: token rows
+  are truncated to it (None: the tokenizer's context length).
 
   Storage errors of its readers are recorded in `control`, which also ends the stream:
   iterate it with `control.iterate(dataset)` and end it with `control.finish()` (an
   iterator of it must not simply be dropped, see StreamControl).
 
-  Batches are dicts of `image` float32 [B, S, S, 3], `text` int32 [B, context], `label`
+  Batches are dicts of `image` float32 [B, S, S, 3], `text` int32 [B, L], `label`
   int32 [B] when `source.label_key` is set, and position columns `_epoch`, `_group`,
   `_offset`, `_raw_index` (int64 [B]) that TrainIterator turns into its state.
   """
   state = dict(initial_state(), **(state or {}))
   control = control if control is not None else StreamControl()
+  text_length = tokenizer.context_length if text_length is None else int(text_length)
+  if not 2 <= text_length <= tokenizer.context_length:
+    raise ValueError(f'train_dataset: text_length {text_length} is outside [2, the '
+                     f"tokenizer's context length {tokenizer.context_length}]")
   parallel = AUTOTUNE if num_parallel_calls < 0 else num_parallel_calls
   with_label = bool(source.label_key)
   # Every raw record travels with its file and its index there, so that a skipped
@@ -236,7 +258,7 @@ def train_dataset(source: Source, *, batch_size: int, image_size: int, tokenizer
   samples = samples.filter(lambda s: log_skipped(s) & (s['_problem'] == '')).map(
       lambda s: {k: v for k, v in s.items() if k not in _ORIGIN_KEYS})
   batches = samples.batch(batch_size, drop_remainder=True)
-  batches = batches.map(lambda b: _tokenize_batch(b, tokenizer, batch_size),
+  batches = batches.map(lambda b: _tokenize_batch(b, tokenizer, batch_size, text_length),
                         num_parallel_calls=parallel, deterministic=True)
   return batches.prefetch(prefetch).with_options(_options())
 
@@ -406,11 +428,17 @@ def check_train_source(config: Any, process_index: int | None = None,
 
 def make_train_iterator(config: Any, tokenizer: Tokenizer | None = None, *,
                         process_index: int | None = None, process_count: int | None = None,
-                        state: Mapping[str, Any] | None = None) -> TrainIterator:
+                        state: Mapping[str, Any] | None = None, image_size: int | None = None,
+                        text_length: int | None = None, check: bool = True) -> TrainIterator:
   """This host's train iterator from the experiment config (config.data, config.seed,
   config.batch_size = global batch, config.model.vision.image_size).
 
+  `image_size` / `text_length`: a stage's (config.train.stages) instead of the model's;
+  the order of the samples does not depend on them, so an iterator built at another
+  stage's settings from `state` goes on with exactly the next samples.
   `process_index` / `process_count` default to jax's; tests pass them to act as hosts.
+  `check`: first make sure this host's share has a readable sample (`check_readable`;
+  the trainer's preflight has done so already).
   """
   process_index, process_count = _processes(process_index, process_count)
   if config.batch_size % process_count:
@@ -421,14 +449,16 @@ def make_train_iterator(config: Any, tokenizer: Tokenizer | None = None, *,
   options = _data_options(config.data)
   files = [] if source.kind == 'tfds' else host_files(
       source.files(), process_index, process_count, 'config.data.train.pattern')
-  check_readable(source, process_index, process_count)
+  if check:
+    check_readable(source, process_index, process_count)
   fingerprint = _fingerprint(source, files, int(config.seed), process_index, process_count,
                              options['shuffle_buffer'], options['cycle_length'])
+  image_size = int(config.model.vision.image_size if image_size is None else image_size)
   build = lambda position, control: train_dataset(  # noqa: E731
-      source, batch_size=config.batch_size // process_count,
-      image_size=int(config.model.vision.image_size), tokenizer=tokenizer,
-      seed=int(config.seed), process_index=process_index, process_count=process_count,
-      state=position, control=control, **options)
+      source, batch_size=config.batch_size // process_count, image_size=image_size,
+      tokenizer=tokenizer, seed=int(config.seed), process_index=process_index,
+      process_count=process_count, state=position, control=control,
+      text_length=text_length, **options)
   return TrainIterator(build, fingerprint, state, process_index)
 
 

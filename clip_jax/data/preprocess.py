@@ -4,6 +4,9 @@ Training crops are random but *stateless*: each sample's crop comes from a seed 
 a function of (config seed, epoch, file group, position), so a resumed stream crops
 exactly as the uninterrupted one would have. For JPEG (nearly all web images) only the
 crop window is decoded (`decode_and_crop_jpeg`), which is most of the pipeline's speed.
+The window does not depend on the output size: a reduced-resolution stage
+(config.train.stages, CLIPA) resizes the same crop to fewer pixels, the reduction CLIPA
+found best (rather than cropping a smaller part).
 
 Crops:
   square          the paper's "random square crop": a square of side

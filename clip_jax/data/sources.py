@@ -155,7 +155,7 @@ def describe_first_record(source: 'Source', path: str) -> str:
       return ', '.join(f'{name} ({feature.WhichOneof("kind").replace("_list", "")})'
                        for name, feature in sorted(example.features.feature.items()))
     members, first_key = [], None
-    for key, extension, _ in _wds_members(path, source.retry, control):
+    for key, extension, _ in wds_members(path, source.retry, control):
       if first_key not in (None, key):
         break
       first_key = key
@@ -316,9 +316,10 @@ def _tfrecord_payloads(path: str, retry: storage.RetryPolicy,
       yield b''
 
 
-def _wds_members(path: str, retry: storage.RetryPolicy, control: StreamControl
-                 ) -> Iterator[tuple[str, str, bytes]]:
-  """(sample key, extension, data) of each file member of a tar; stops at damage (logged)."""
+def wds_members(path: str, retry: storage.RetryPolicy, control: StreamControl
+                ) -> Iterator[tuple[str, str, bytes]]:
+  """(sample key, extension, data) of each file member of a tar; stops at damage (logged).
+  Also read by clip_jax.evaluate.wds (clip_benchmark's layout)."""
   with _shard(path, retry, control) as stream:
     if stream is None:
       return
@@ -363,7 +364,7 @@ def wds_samples(path: str, image_extensions: tuple[str, ...], caption_extension:
     path = path.decode('utf-8')
   wanted = set(image_extensions) | {caption_extension, label_extension}
   key, parts = None, {}
-  for sample_key, extension, data in _wds_members(path, retry, control or StreamControl()):
+  for sample_key, extension, data in wds_members(path, retry, control or StreamControl()):
     if sample_key != key:
       if parts:
         yield finish(key, parts)

@@ -23,13 +23,17 @@ A dataset spec is a string:
                 GLOB is replaced by the split (e.g. shards:/data/pets-{split}-*.tfrecord);
                 labels from the `label` feature (tars: the KEY.cls member), class names
                 (label order, one per line) from `classnames.txt` beside them
+  wds:ROOT      clip_benchmark's webdataset layout (ROOT/<split>/nshards.txt and
+                0.tar ..., classnames.txt, zeroshot_classification_templates.txt,
+                dataset_type.txt; `clip_jax.evaluate.wds`): classification, or retrieval
+                on every caption of each image; its own class names and templates
 
 Every set goes through `clip_jax.data.eval_input`: one decoder, resize and crop (open_clip's
 eval transform) and one host split, whatever the source. TFDS and shards are read forward
 by the data pipeline's eval iterator; their retrieval uses the first caption of each
-example, which the iterator tokenizes. `max_examples` keeps a fixed random subset of a
-folder (its listing is free) and the first examples of the other sets (a stream is not
-read past them).
+example, which the iterator tokenizes; wds sets are streamed in one pass and keep every
+caption. `max_examples` keeps a fixed random subset of a folder (its listing is free) and
+the first examples of the other sets (a stream is not read past them).
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ from clip_jax.data.eval_input import (NO_LABEL, decode_images, image_pixels,  # 
                                       load_image, normalize_pixels)
 from clip_jax.evaluate.features import host_batch_size, host_batches
 
+SPEC_KINDS = ('folder', 'tfds', 'shards', 'wds')   # the `KIND:` prefixes of a dataset spec
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff')
 CLASSNAMES_FILE = 'classnames.txt'
 
@@ -93,16 +98,18 @@ class EvalData:
 
   `batches(global_batch_size, mesh)` yields this host's padded batches with `image`,
   `mask`, `index` (the example's position in the split) and `label` when known.
-  `captions[i]` are the captions of example i (retrieval sets).
+  `captions[i]` are the captions of example i (retrieval sets); `metadata[i]` its
+  metadata vector (wds `.npy` members: the groups of worst-group metrics).
   """
   name: str
-  num_examples: int
+  num_examples: int | None   # None: a wds stream, counted as it is read (set after a pass)
   batches: Callable[[int, Mesh], Iterator[dict[str, np.ndarray]]]
   classnames: list[str] | None = None
   captions: list[list[str]] | None = None
   templates: tuple[str, ...] | None = None   # the dataset's own prompts, if it has any
   tokenized_captions: bool = False   # batches carry `text`: one tokenized caption per example
   skipped: list[str] = dataclasses.field(default_factory=list)   # unreadable files
+  metadata: list[np.ndarray | None] | None = None
 
 
 def list_images(folder: storage.PathLike) -> list[str]:
@@ -264,7 +271,7 @@ def check_readable(spec: str, *, split: str, image_size: int, data_dir: str | No
   `batch_size` examples decodes (streams are read no further)."""
   data = open_dataset(spec, split=split, image_size=image_size, data_dir=data_dir,
                       max_examples=batch_size, tokenizer=tokenizer)
-  if data.num_examples == 0:
+  if data.num_examples == 0:   # a wds stream (None) shows it in its first batch below
     raise ValueError('no example')
   first = next(iter(data.batches(batch_size, mesh)), None)
   if first is None or not np.asarray(first['mask']).any():
@@ -282,7 +289,8 @@ def open_dataset(spec: str, *, split: str = 'test', image_size: int, data_dir: s
   kind, _, location = spec.partition(':')
   if spec in BUILTIN_SETS:
     return builtin_scenes(split, image_size, max_examples, spec)
-  if storage.is_url(spec) or (not location and storage.is_dir(spec)):
+  # A bare URL or directory is a folder; 'shards:gs://...' and 'wds:gs://...' are not.
+  if (storage.is_url(spec) and kind not in SPEC_KINDS) or (not location and storage.is_dir(spec)):
     kind, location = 'folder', spec
   if kind == 'folder':
     folder = storage.join(location, split)
@@ -302,5 +310,8 @@ def open_dataset(spec: str, *, split: str = 'test', image_size: int, data_dir: s
       data.classnames = [line.strip() for line in storage.read_text(names_file).splitlines()
                          if line.strip()]
     return data
+  if kind == 'wds' and location:
+    from clip_jax.evaluate.wds import wds_dataset   # wds builds on EvalData
+    return wds_dataset(location, split=split, image_size=image_size, max_examples=max_examples)
   raise ValueError(f'dataset {spec!r}: expected {", ".join(BUILTIN_SETS)}, folder:PATH (or a '
-                   'directory), tfds:NAME or shards:GLOB')
+                   'directory), tfds:NAME, shards:GLOB or wds:ROOT')

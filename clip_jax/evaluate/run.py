@@ -12,6 +12,7 @@ import time
 from typing import Any, Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.sharding import Mesh
@@ -23,7 +24,8 @@ from clip_jax.evaluate.features import TowerEncoder, encode_arrays, extract_feat
 from clip_jax.evaluate.linear_probe import linear_probe
 from clip_jax.evaluate.retrieval import retrieval_recall
 from clip_jax.evaluate.templates import get_templates
-from clip_jax.evaluate.zeroshot import params_fingerprint, zeroshot_accuracy, zeroshot_classifier
+from clip_jax.evaluate.zeroshot import (classification_metrics, params_fingerprint,
+                                        zeroshot_classifier, zeroshot_logits)
 from clip_jax.models.clip import CLIP
 
 TASKS = ('zeroshot', 'retrieval', 'linear_probe')
@@ -57,17 +59,24 @@ def image_features(data: EvalData, model: CLIP, variables: Any, mesh: Mesh, batc
                           data.batches(batch_size, mesh), mesh, input_key='image')
 
 
-def evaluate_zeroshot(data: EvalData, model: CLIP, variables: Any, mesh: Mesh,
-                      tokenizer: Callable[[Sequence[str]], np.ndarray], *, batch_size: int,
-                      templates: Sequence[str], classnames: Sequence[str] | None = None,
-                      cache_dir: str | None = None) -> dict[str, float]:
-  """top1 / top5 / mean_per_class of a prompt-ensemble classifier on `data`."""
+def classifier_fingerprint(model: CLIP, variables: Any) -> str:
+  """What a cached zero-shot classifier depends on besides its prompts: the weights and the
+  compute dtype (a bfloat16 run must not reuse float32 text features, nor the reverse)."""
+  return f'{params_fingerprint(variables)}-{jnp.dtype(model.text.dtype).name}'
+
+
+def zeroshot_scores(data: EvalData, model: CLIP, variables: Any, mesh: Mesh,
+                    tokenizer: Callable[[Sequence[str]], np.ndarray], *, batch_size: int,
+                    templates: Sequence[str], classnames: Sequence[str] | None = None,
+                    cache_dir: str | None = None) -> dict[str, np.ndarray]:
+  """Cosine similarities `logits` [N, classes] of a prompt-ensemble classifier, with `label`
+  and `index` (the example's position), for every readable example of `data`."""
   _check_tokenizer(model, tokenizer)
   classnames = list(classnames or data.classnames or [])
   if not classnames:
     raise ValueError(f'{data.name}: no class names; pass a file with one name per line '
                      '(--classnames / config.eval.classnames)')
-  fingerprint = params_fingerprint(variables) if cache_dir else None
+  fingerprint = classifier_fingerprint(model, variables) if cache_dir else None
   classifier = zeroshot_classifier(text_encoder(model, variables, mesh, batch_size), tokenizer,
                                    classnames, templates, batch_size, cache_dir=cache_dir,
                                    fingerprint=fingerprint)
@@ -75,38 +84,57 @@ def evaluate_zeroshot(data: EvalData, model: CLIP, variables: Any, mesh: Mesh,
   if feats['label'].size and feats['label'].max() >= len(classnames):
     raise ValueError(f'{data.name}: label {feats["label"].max()} but only {len(classnames)} '
                      'class names')
-  metrics = zeroshot_accuracy(feats['features'], feats['label'], classifier)
-  metrics['num_examples'] = float(len(feats['label']))
+  return {'logits': zeroshot_logits(feats['features'], classifier), 'label': feats['label'],
+          'index': feats['index']}
+
+
+def evaluate_zeroshot(data: EvalData, model: CLIP, variables: Any, mesh: Mesh,
+                      tokenizer: Callable[[Sequence[str]], np.ndarray], *, batch_size: int,
+                      templates: Sequence[str], classnames: Sequence[str] | None = None,
+                      cache_dir: str | None = None) -> dict[str, float]:
+  """top1 / top5 / mean_per_class of a prompt-ensemble classifier on `data`."""
+  scores = zeroshot_scores(data, model, variables, mesh, tokenizer, batch_size=batch_size,
+                           templates=templates, classnames=classnames, cache_dir=cache_dir)
+  metrics = classification_metrics(scores['logits'], scores['label'])
+  metrics['num_examples'] = float(len(scores['label']))
   return metrics
+
+
+def retrieval_features(data: EvalData, model: CLIP, variables: Any, mesh: Mesh,
+                       tokenizer: Callable[[Sequence[str]], np.ndarray], *, batch_size: int
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Image features [N, E], caption features [T, E] and the image of each caption [T], over
+  every caption of every readable image of `data`."""
+  _check_tokenizer(model, tokenizer)
+  if data.tokenized_captions:   # a stream: one tokenized caption per example in the batches
+    feats = image_features(data, model, variables, mesh, batch_size)
+    text_feats = encode_arrays(TowerEncoder(model, 'text'), variables, feats['text'], mesh,
+                               batch_size)
+    return feats['features'], text_feats, np.arange(len(text_feats))
+  # A wds stream fills its captions as it is read: an empty list until then.
+  if data.captions is None or (data.num_examples is not None and not data.captions):
+    raise ValueError(f'{data.name}: no captions; retrieval needs a dataset with captions '
+                     '(e.g. captions.jsonl in an image folder)')
+  feats = image_features(data, model, variables, mesh, batch_size)
+  # Images that could not be read are dropped together with their captions.
+  texts, owners = [], []
+  for position, example in enumerate(feats['index']):
+    texts += data.captions[example]
+    owners += [position] * len(data.captions[example])
+  encode_text = text_encoder(model, variables, mesh, batch_size)
+  text_feats = np.concatenate([encode_text(tokenizer(texts[i:i + batch_size]))
+                               for i in range(0, len(texts), batch_size)])
+  return feats['features'], text_feats, np.array(owners)
 
 
 def evaluate_retrieval(data: EvalData, model: CLIP, variables: Any, mesh: Mesh,
                        tokenizer: Callable[[Sequence[str]], np.ndarray], *, batch_size: int
                        ) -> dict[str, float]:
   """Image->text and text->image Recall@1/5/10 over all captions of `data`."""
-  _check_tokenizer(model, tokenizer)
-  if data.tokenized_captions:   # a stream: one tokenized caption per example in the batches
-    feats = image_features(data, model, variables, mesh, batch_size)
-    text_feats = encode_arrays(TowerEncoder(model, 'text'), variables, feats['text'], mesh,
-                               batch_size)
-    metrics = retrieval_recall(feats['features'], text_feats, np.arange(len(text_feats)))
-    metrics['num_examples'] = float(len(text_feats))
-    return metrics
-  if not data.captions:
-    raise ValueError(f'{data.name}: no captions; retrieval needs a dataset with captions '
-                     '(e.g. captions.jsonl in an image folder)')
-  feats = image_features(data, model, variables, mesh, batch_size)
-  # Images that could not be read are dropped together with their captions.
-  kept = feats['index']
-  texts, owners = [], []
-  for position, example in enumerate(kept):
-    texts += data.captions[example]
-    owners += [position] * len(data.captions[example])
-  encode_text = text_encoder(model, variables, mesh, batch_size)
-  text_feats = np.concatenate([encode_text(tokenizer(texts[i:i + batch_size]))
-                               for i in range(0, len(texts), batch_size)])
-  metrics = retrieval_recall(feats['features'], text_feats, np.array(owners))
-  metrics['num_examples'] = float(len(kept))
+  images, texts, owners = retrieval_features(data, model, variables, mesh, tokenizer,
+                                             batch_size=batch_size)
+  metrics = retrieval_recall(images, texts, owners)
+  metrics['num_examples'] = float(len(images))
   return metrics
 
 

@@ -1,6 +1,7 @@
 """Prompt templates for zero-shot classification: named sets, or one per line from a file.
 
-A template is a `str.format` pattern with one `{}` for the class name. Averaging the
+A template is a `str.format` pattern with one placeholder for the class name: `{}`, or
+`{c}` as clip_benchmark's files (`zeroshot_classification_templates.txt`) write it. Averaging the
 text embeddings of many prompts per class (a prompt ensemble) is worth several points
 of zero-shot accuracy over the bare class name (Radford et al. 2021, section 3.1.4).
 The sets below follow the spirit of the paper's published prompt lists.
@@ -180,15 +181,24 @@ _AUTO = (
 )
 
 
+# Where the class name goes: ours, and clip_benchmark's (`template.format(c=name)`).
+PLACEHOLDERS = ('{}', '{c}')
+
+
+def fill_template(template: str, classname: str) -> str:
+  """The prompt of one class: `{}` or `{c}` replaced by the class name."""
+  return template.format(classname, c=classname)
+
+
 def check_templates(templates: Sequence[str], source: str) -> tuple[str, ...]:
-  """Every template must have exactly one `{}`; `source` names where they came from."""
+  """Every template must have exactly one `{}` or `{c}`; `source` names where they came from."""
   templates = tuple(templates)
   if not templates:
     raise ValueError(f'{source}: no templates; expected at least one line with "{{}}"')
   for template in templates:
-    if template.count('{}') != 1:
-      raise ValueError(f'{source}: template {template!r} must contain exactly one "{{}}" '
-                       'where the class name goes')
+    if sum(template.count(p) for p in PLACEHOLDERS) != 1:
+      raise ValueError(f'{source}: template {template!r} must contain exactly one "{{}}" (or '
+                       '"{c}") where the class name goes')
   return templates
 
 

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from clip_jax import storage
+from clip_jax.evaluate.templates import fill_template
 
 # encode_text_fn(token ids [n, context]) -> L2-normalised features [n, E] (numpy).
 EncodeTextFn = Callable[[np.ndarray], np.ndarray]
@@ -90,7 +91,7 @@ def zeroshot_classifier(encode_text_fn: EncodeTextFn, tokenize_fn: TokenizeFn,
   for start in range(0, total, batch_size):
     flat = np.arange(start, min(start + batch_size, total))
     class_ids, template_ids = flat // num_templates, flat % num_templates
-    prompts = [templates[t].format(classnames[c]) for c, t in zip(class_ids, template_ids)]
+    prompts = [fill_template(templates[t], classnames[c]) for c, t in zip(class_ids, template_ids)]
     features = np.asarray(encode_text_fn(tokenize_fn(prompts)), np.float32)
     if features.shape[0] != len(prompts):
       raise ValueError(f'zeroshot_classifier: encode_text_fn returned {features.shape[0]} rows '

@@ -72,6 +72,19 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # config that differs in them, and `clip_jax.load` cannot override them.
 ARCHITECTURE_KEYS = ('name', 'embed_dim', 'vision', 'text')
 
+# Training options that sit in config.model.vision but leave the shapes unchanged, with
+# their defaults: `model_config` adds them to the zoo's vision section, and comparisons
+# of architectures (`architecture_vision`) leave them out.
+#   mask_ratio: FLIP's share of patch tokens each example drops in training (ViT towers
+#     only; the train step's default when no stage overrides it). Evaluation, export and
+#     `clip_jax.load` always run every patch.
+VISION_OPTIONS: dict[str, Any] = {'mask_ratio': 0.0}
+
+
+def architecture_vision(vision: Mapping[str, Any]) -> dict[str, Any]:
+  """A config.model.vision section without its training options (`VISION_OPTIONS`)."""
+  return {k: v for k, v in dict(vision).items() if k not in VISION_OPTIONS}
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelOptions:
@@ -122,6 +135,7 @@ def model_config(name: str, **overrides: Any) -> ml_collections.ConfigDict:
   arch = copy.deepcopy(ARCHITECTURES[canonical_name(name)])
   cfg = dict(MODEL_DEFAULTS, name=canonical_name(name))
   cfg.update(arch)
+  cfg['vision'] = dict(arch['vision'], **VISION_OPTIONS)
   unknown = set(overrides) - set(cfg)
   if unknown:
     raise ValueError(f'config.model: unknown option(s) {sorted(unknown)}; '

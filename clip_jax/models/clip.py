@@ -10,11 +10,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from clip_jax.models.architectures import ModelOptions
+from clip_jax.models.architectures import VISION_OPTIONS, ModelOptions
 from clip_jax.models.layers import ACTIVATIONS, REMAT_POLICIES, Dtype, logical
-from clip_jax.models.resnet import ModifiedResNet
+from clip_jax.models.resnet import ModifiedResNet, refuse_masking
 from clip_jax.models.text import TextTransformer
-from clip_jax.models.vit import VisionTransformer
+from clip_jax.models.vit import VisionTransformer, valid_mask_ratio
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
@@ -39,15 +39,18 @@ class CLIP(nn.Module):
                                   logical(nn.initializers.constant(self.logit_scale_init), ()),
                                   ())
 
-  def encode_image(self, images: jax.Array, train: bool = False) -> jax.Array:
-    return self.visual(images, train=train)
+  def encode_image(self, images: jax.Array, train: bool = False, mask_ratio: float = 0.0
+                   ) -> jax.Array:
+    """mask_ratio > 0 (a static float; ViT towers only) drops that share of each example's
+    patch tokens at random (FLIP) and needs `rngs={'mask': key}` in `apply`."""
+    return self.visual(images, train=train, mask_ratio=mask_ratio)
 
   def encode_text(self, tokens: jax.Array) -> jax.Array:
     return self.text(tokens)
 
-  def __call__(self, images: jax.Array, tokens: jax.Array, train: bool = False
-               ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    image_features = l2_normalize(self.encode_image(images, train=train))
+  def __call__(self, images: jax.Array, tokens: jax.Array, train: bool = False,
+               mask_ratio: float = 0.0) -> tuple[jax.Array, jax.Array, jax.Array]:
+    image_features = l2_normalize(self.encode_image(images, train=train, mask_ratio=mask_ratio))
     text_features = l2_normalize(self.encode_text(tokens))
     return image_features, text_features, self.logit_scale
 
@@ -85,6 +88,11 @@ def validate_model_config(cfg: ml_collections.ConfigDict | Mapping[str, Any]) ->
     if (vision['width'] * 32) % vision['heads']:
       _fail('vision.heads', f"{vision['heads']} does not divide the attention-pool width "
             f"{vision['width'] * 32}")
+  mask_ratio = vision.get('mask_ratio', VISION_OPTIONS['mask_ratio'])
+  if not valid_mask_ratio(mask_ratio):
+    _fail('vision.mask_ratio', f'expected a fraction in [0, 1), got {mask_ratio!r}')
+  if vtype == 'resnet':
+    refuse_masking(mask_ratio)
   for key in ('context_length', 'vocab_size', 'width', 'layers', 'heads'):
     if key not in text:
       _fail(f'text.{key}', 'missing')

@@ -267,3 +267,22 @@ class Transformer(nn.Module):
       x, _ = block_cls(**kwargs, name=f'resblocks_{i}')(
           x, None, final_positions[:, None] if last else None)
     return x if final_positions is None else x[:, 0]
+
+
+def resample_positional_embedding(pos: jax.Array, grid: tuple[int, int],
+                                  new_grid: tuple[int, int]) -> jax.Array:
+  """[1 + rows*cols, width] positional embedding for a `new_grid` of patches.
+
+  The class token's row is kept; the patch rows, seen as a [rows, cols, width] image, are
+  resampled bicubically in float32 as timm's `resample_abs_pos_embed` and open_clip's
+  `resize_pos_embed` do by default (torch `F.interpolate(mode='bicubic',
+  align_corners=False, antialias=True)`: Keys' a = -0.5 kernel, widened when
+  downsampling, weights renormalised at the borders), which `jax.image.resize` with
+  antialias computes. The same grid returns `pos` itself (the model's plain computation).
+  """
+  if tuple(new_grid) == tuple(grid):
+    return pos
+  width = pos.shape[-1]
+  patches = pos[1:].astype(jnp.float32).reshape(*grid, width)
+  patches = jax.image.resize(patches, (*new_grid, width), method='bicubic', antialias=True)
+  return jnp.concatenate([pos[:1], patches.reshape(-1, width).astype(pos.dtype)], axis=0)

@@ -15,7 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from clip_jax.models.layers import REMAT_POLICIES, Dtype, attention, logical, normal
+from clip_jax.models.layers import (REMAT_POLICIES, Dtype, attention, logical, normal,
+                                    resample_positional_embedding)
 
 _CONV_AXES = (None, None, 'conv_in', 'conv_out')
 
@@ -72,12 +73,14 @@ class AttentionPool2d(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    batch, _, _, channels = x.shape
+    batch, rows, cols, channels = x.shape
     x = x.reshape(batch, -1, channels)                                   # [B, HW, C]
     x = jnp.concatenate([x.mean(axis=1, keepdims=True), x], axis=1)      # [B, HW+1, C]
     pos = self.param('positional_embedding', logical(normal(channels ** -0.5), (None, 'embed')),
                      (self.spatial_dim ** 2 + 1, channels))
-    x = x + pos.astype(x.dtype)
+    # Another image size (a CLIPA stage): the stored grid resampled, as the ViT's.
+    grid = (self.spatial_dim, self.spatial_dim)
+    x = x + resample_positional_embedding(pos, grid, (rows, cols)).astype(x.dtype)
     std = channels ** -0.5
 
     def dense(features, name, in_axis, out_axis):
@@ -97,6 +100,13 @@ class AttentionPool2d(nn.Module):
     return dense(self.output_dim, 'c_proj', 'heads', 'proj')(out)
 
 
+def refuse_masking(mask_ratio: float) -> None:
+  """Patch masking (FLIP) drops ViT tokens; a convolutional tower has none to drop."""
+  if mask_ratio:
+    raise ValueError(f'config.model.vision.mask_ratio: {mask_ratio} drops patch tokens, '
+                     "which only a ViT has; vision.type='resnet' (the ModifiedResNet) takes 0")
+
+
 class ModifiedResNet(nn.Module):
   image_size: int
   layers: Sequence[int]
@@ -109,8 +119,13 @@ class ModifiedResNet(nn.Module):
   attention_impl: str | None
 
   @nn.compact
-  def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
-    """images: float [B, H, W, 3], CLIP-normalised. Returns unnormalised [B, output_dim]."""
+  def __call__(self, images: jax.Array, train: bool = False, mask_ratio: float = 0.0
+               ) -> jax.Array:
+    """images: float [B, H, W, 3], CLIP-normalised. Returns unnormalised [B, output_dim].
+
+    `mask_ratio` is the ViT's patch masking: anything but 0 is refused.
+    """
+    refuse_masking(mask_ratio)
     x = images.astype(self.dtype)
     half = self.width // 2
     # 3-convolution stem; the first is strided.

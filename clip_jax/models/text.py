@@ -36,7 +36,14 @@ class TextTransformer(TransformerTower):
 
   @nn.compact
   def __call__(self, tokens: jax.Array) -> jax.Array:
-    """tokens: int32 [B, context_length]. Returns unnormalised [B, output_dim]."""
+    """tokens: int32 [B, L], L <= context_length. Returns unnormalised [B, output_dim].
+
+    A shorter L (a CLIPA text-length stage) runs with the first L positional embeddings
+    and an L x L causal mask; L == context_length is the plain model.
+    """
+    if tokens.shape[1] > self.context_length:
+      raise ValueError(f'TextTransformer: {tokens.shape[1]} tokens per text, more than '
+                       f'config.model.text.context_length {self.context_length}')
     embedding = self.param('token_embedding', logical(normal(0.02), ('vocab', 'embed')),
                            (self.vocab_size, self.width))
     x = jnp.take(embedding, tokens, axis=0).astype(self.dtype)
