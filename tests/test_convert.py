@@ -10,6 +10,7 @@ seven keep their real widths, heads and image sizes at reduced depth.
 
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -136,14 +137,18 @@ class Case:
 def vit_b32(tmp_path_factory):
   torch.manual_seed(0)
   model = perturb(open_clip.create_model('ViT-B-32-quickgelu'), 0)
-  return Case(model, str(tmp_path_factory.mktemp('vit_b32')), scan_layers=True)
+  folder = tmp_path_factory.mktemp('vit_b32')
+  yield Case(model, str(folder), scan_layers=True)
+  shutil.rmtree(folder)   # 2.3 GB of exports: not left for the rest of the run
 
 
 @pytest.fixture(scope='module')
 def rn50(tmp_path_factory):
   torch.manual_seed(1)
   model = perturb(open_clip.create_model('RN50-quickgelu'), 1)
-  return Case(model, str(tmp_path_factory.mktemp('rn50')), suffix='.pt')
+  folder = tmp_path_factory.mktemp('rn50')
+  yield Case(model, str(folder), suffix='.pt')
+  shutil.rmtree(folder)
 
 
 @pytest.mark.slow

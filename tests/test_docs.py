@@ -40,6 +40,7 @@ import os
 import pathlib
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import threading
@@ -363,6 +364,10 @@ class Docs:
       self._emulator.__exit__(None, None, None)
     if self._web is not None:
       self._web.__exit__(None, None, None)
+    # Gigabytes of runs and models: not left on the disk for the rest of the test run.
+    for folder in [*self.folders.values(), self.models_dir]:
+      shutil.rmtree(folder, ignore_errors=True)
+      shutil.rmtree(self.home(folder), ignore_errors=True)
 
   def _lock(self, key: str) -> threading.Lock:
     with self._guard:

@@ -160,7 +160,8 @@ def init_variables(model: CLIP, cfg: ml_collections.ConfigDict | Mapping[str, An
                    rng: jax.Array) -> dict[str, Any]:
   """Variables ({'params', maybe 'batch_stats'}) with logical-partitioning boxes removed."""
   images, tokens = dummy_inputs(cfg)
-  variables = model.init(rng, images, tokens)
+  # Jitted: one compile instead of one per operation (tiny: 16 s -> 8 s on a CPU).
+  variables = jax.jit(model.init)(rng, images, tokens)
   return nn.meta.unbox(variables)
 
 
