@@ -132,7 +132,10 @@ def test_sharded_gradients_equal_single_device(setup, mesh_shape, loss):
   grad_fn = jax.jit(train_step.make_grad_fn(config, setup['model'], mesh))
   loss_value, metrics, _, grads = grad_fn(placed, {}, setup['batch'])
   np.testing.assert_allclose(loss_value, ref_loss, rtol=1e-5, atol=1e-5)
-  assert_trees_close(grads, ref_grads)
+  # float32 sums in another order once sharded: at the tests' XLA -O0 (conftest.py) one
+  # sigmoid gradient entry of 256 differs by 1.9e-5 (2.6e-5 relative); a sharding
+  # mistake is off by far more.
+  assert_trees_close(grads, ref_grads, tol=3e-5)
   assert 0.0 <= float(metrics['accuracy']) <= 1.0
 
 
